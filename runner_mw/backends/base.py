@@ -1,0 +1,114 @@
+"""The ``RunnerBackend`` interface: what the middleware needs from a runner.
+
+Subclass it (or ``runner_mw.backends.http.HTTPBackend`` for anything that speaks
+the runner's HTTP contract) to add a backend kind; register the class under the
+``runner_mw.backends`` entry-point group. The middleware chooses a backend from
+config, never with an ``if`` on the kind.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    from runner_mw.config import BackendSettings
+
+CONTENT_HASH = re.compile(r"sha256:[0-9a-f]{64}", re.IGNORECASE)
+
+
+@dataclass
+class ExecuteReply:
+    """The runner's transport reply to ``/v1/execute`` (already read, size-capped)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class AssetResponse:
+    """A streaming asset reply. Iterate ``chunks`` then always ``close()`` it.
+
+    ``complete`` turns True only when the whole body arrived; a body cut short
+    raises from the iterator instead, so the client sees a broken transfer.
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: Iterator[bytes]
+    close: Any = field(default=lambda: None)
+
+
+class RunnerBackend(abc.ABC):
+    """A place extension requests run. One instance per config snapshot.
+
+    The constructor must do no I/O (pools open lazily, in the process that uses
+    them, so nothing crosses a fork). ``close()`` is called once the snapshot is
+    replaced and its in-flight requests have finished.
+    """
+
+    #: The kind name this class registers under (``docker``, ``knative``, ...).
+    kind: ClassVar[str]
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.settings = settings
+
+    @classmethod
+    @abc.abstractmethod
+    def settings_schema(cls) -> dict[str, Any]:
+        """JSON Schema (draft 2020-12) of one ``backends`` entry of this kind, ``kind`` included."""
+
+    @abc.abstractmethod
+    def execute(self, body: bytes, headers: dict[str, str]) -> ExecuteReply:
+        """POST one execute envelope. Raises ``runner_mw.errors.UpstreamError`` subclasses."""
+
+    @abc.abstractmethod
+    def fetch_asset(self, method: str, path: str, query: str, headers: dict[str, str]) -> AssetResponse:
+        """GET/HEAD ``{base}/{path}?{query}`` (``path`` already canonical and encoded)."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, Any]:
+        """Ask the runner's ``/healthz`` (short timeout); ``{"ok": bool, ...}``, never raises."""
+
+    def metadata(self) -> dict[str, Any]:
+        """What this backend is, safe to show in status (no secrets)."""
+        s = self.settings
+        return {"name": s.name, "kind": self.kind, "url": s.url, "public_base": s.public_base}
+
+    def ui_url(
+        self,
+        extension_id: str,
+        content_hash: str,
+        path: str = "/",
+        tenant: str | None = None,
+        *,
+        script_name: str = "",
+    ) -> str:
+        """The iframe URL of an extension's UI, in the reference gateway's shape.
+
+        A relative ``public_base`` (``/runner``) is prefixed with ``script_name``
+        (the host app's mount point). Raises ``ValueError`` for a bad hash.
+        """
+        if not CONTENT_HASH.fullmatch(content_hash or ""):
+            raise ValueError("content_hash must be 'sha256:' followed by 64 hex digits")
+        if not extension_id:
+            raise ValueError("extension_id must not be empty")
+        base = self.settings.public_base.rstrip("/")
+        if base.startswith("/"):
+            base = script_name.rstrip("/") + base
+        params = {"path": path or "/"}
+        if tenant:
+            params["tenant"] = tenant
+        params["extensionId"] = extension_id
+        return (
+            f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}"
+            f"/index.html?{urlencode(params, quote_via=quote, safe='/')}"
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release pooled connections. Called once, after the last in-flight request."""

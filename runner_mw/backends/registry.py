@@ -1,0 +1,66 @@
+"""Which backend kinds exist: the built-in ones plus the ``runner_mw.backends`` entry points.
+
+Use ``known_kinds()`` to list them and ``build_backend(settings)`` to make one.
+A plugin registers a kind in its own packaging::
+
+    entry_points={"runner_mw.backends": ["mykind=my_pkg.backend:MyBackend"]}
+
+where ``MyBackend`` subclasses ``RunnerBackend`` and returns the JSON Schema of
+its settings from ``settings_schema()``, so its entries are validated as strictly
+as the built-in ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner_mw.backends.base import RunnerBackend
+    from runner_mw.config import BackendSettings
+
+log = logging.getLogger("runner_mw")
+ENTRY_POINT_GROUP = "runner_mw.backends"
+
+
+def _builtin() -> dict[str, type[RunnerBackend]]:
+    from runner_mw.backends.docker import DockerBackend
+    from runner_mw.backends.knative import KnativeBackend
+
+    return {"docker": DockerBackend, "knative": KnativeBackend}
+
+
+@cache
+def known_kinds() -> dict[str, type[RunnerBackend]]:
+    """Every usable kind by name. A plugin that fails to import is logged and skipped."""
+    from runner_mw.backends.base import RunnerBackend
+
+    kinds = _builtin()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in kinds:
+            continue  # the built-ins (also declared as entry points) cannot be replaced
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not break the gateway
+            log.warning("backend plugin %r could not be loaded: %s", ep.name, exc)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, RunnerBackend)):
+            log.warning("backend plugin %r is not a RunnerBackend subclass; skipped", ep.name)
+            continue
+        kinds[ep.name] = cls
+    return kinds
+
+
+def backend_class(kind: str) -> type[RunnerBackend] | None:
+    """The class of ``kind``, or None when no such kind is known."""
+    return known_kinds().get(kind)
+
+
+def build_backend(settings: BackendSettings) -> RunnerBackend:
+    """Make the backend for one validated entry (no I/O: pools open lazily)."""
+    cls = backend_class(settings.kind)
+    if cls is None:  # the loader refuses unknown kinds, so this is a programming error
+        raise LookupError(f"unknown backend kind {settings.kind!r}")
+    return cls(settings)

@@ -1,0 +1,304 @@
+"""YAML file (or mapping) -> interpolation -> JSON Schema -> semantic checks -> ``Config``.
+
+Use ``load_config(path)`` for a file and ``config_from_mapping(data)`` for settings
+kept in code. Both gather *every* problem and raise one ``ConfigError`` whose
+lines read ``FILE:LINE: dotted.key.path: message``; nothing half-valid is ever
+returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from runner_mw import config as c
+from runner_mw.backends.registry import known_kinds
+from runner_mw.errors import ConfigError, ConfigIssue
+from runner_mw.interpolate import interpolate_scalar, resolve_files
+from runner_mw.schema import main_schema
+from runner_mw.yaml_source import Path as KeyPath
+from runner_mw.yaml_source import dotted, load_yaml
+
+#: A config file is a page of YAML; anything this big is a mistake (or an attack).
+MAX_CONFIG_BYTES = 1024 * 1024
+MIN_TOKEN_CHARS = 16
+_VISIBLE = frozenset(chr(i) for i in range(0x21, 0x7F))
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> c.Config:
+    """Read, interpolate and validate one YAML file. Raises ``ConfigError``."""
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read file: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue(file, None, "", f"file is larger than {MAX_CONFIG_BYTES} bytes")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([ConfigIssue(file, None, "", problem)]) from None
+    return config_from_text(text, file=file, base_dir=Path(file).resolve().parent, env=env,
+                            sha256=hashlib.sha256(raw).hexdigest())
+
+
+def config_from_text(
+    text: str,
+    *,
+    file: str = "<string>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    sha256: str | None = None,
+) -> c.Config:
+    """Like ``load_config`` for YAML text already in memory."""
+    environ = os.environ if env is None else env
+
+    def on_scalar(path: KeyPath, value: str, plain: bool) -> Any:
+        return interpolate_scalar(value, plain, environ)
+
+    data, lines, issues = load_yaml(text, file, on_scalar)
+    if issues:
+        raise ConfigError(issues)
+    if data is None:
+        raise ConfigError([ConfigIssue(file, 1, "", "the file is empty: expected a mapping with "
+                                       "version, backend and backends")])
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(file, 1, "", f"the top level must be a mapping, not "
+                                       f"{_type_name(data)}")])
+    if sha256 is None:
+        sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _validate(data, file, lines, base_dir or Path.cwd(), sha256)
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], *, source: str = "<mapping>", base_dir: Path | None = None
+) -> c.Config:
+    """Validate settings kept in code (no ``${...}`` interpolation; ``{file: ...}`` is read).
+
+    Also how a gunicorn worker rebuilds exactly the config its master validated.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([ConfigIssue(source, None, "", f"the top level must be a mapping, not "
+                                       f"{_type_name(data)}")])
+    plain = _plain(data)
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+    return _validate(plain, source, {}, base_dir or Path.cwd(), digest)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Issues:
+    def __init__(self, file: str, lines: dict[KeyPath, int]) -> None:
+        self.file = file
+        self.lines = lines
+        self.items: list[ConfigIssue] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        self.items.append(ConfigIssue(self.file, self.line(path), dotted(path), message))
+
+    def line(self, path: KeyPath) -> int | None:
+        if not self.lines:
+            return None
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path)
+
+
+def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_dir: Path,
+              sha256: str) -> c.Config:
+    issues = _Issues(file, lines)
+    data, file_problems = resolve_files(data, base_dir)
+    for path, message in file_problems:
+        issues.add(path, message)
+    _schema_issues(Draft202012Validator(main_schema()), data, (), issues)
+    backends = data.get("backends")
+    if isinstance(backends, dict):
+        _backend_issues(backends, issues)
+    if not issues.items:
+        _semantic_issues(data, base_dir, issues)
+    if issues.items:
+        raise ConfigError(issues.items)
+    return _build(data, file, sha256, base_dir)
+
+
+def _schema_issues(validator: Draft202012Validator, data: Any, prefix: KeyPath, issues: _Issues) -> None:
+    for error in validator.iter_errors(data):
+        for path, message in _explain(error):
+            issues.add((*prefix, *path), message)
+
+
+def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
+    """Turn one jsonschema error into readable (path, message) pairs."""
+    path: KeyPath = tuple(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in allowed]
+        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        return [((*path, k), f"unknown key '{k}'{hint}") for k in extra]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return [(path, f"missing required key '{k}'") for k in missing]
+    if "x-error" in schema:
+        return [(path, f"{_short(error.instance)} {schema['x-error']}")]
+    if error.validator == "propertyNames":
+        return [(path, f"invalid name {error.instance!r}: use letters, digits, '_', '.', '-'")]
+    return [(path, error.message)]
+
+
+def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
+    kinds = known_kinds()
+    for name, entry in backends.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
+            continue  # the main schema reported it
+        cls = kinds.get(entry["kind"])
+        if cls is None:
+            issues.add(("backends", name, "kind"), f"unknown backend kind {entry['kind']!r} "
+                       f"(known kinds: {', '.join(sorted(kinds))})")
+            continue
+        _schema_issues(Draft202012Validator(cls.settings_schema()), entry, ("backends", name), issues)
+
+
+def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> None:
+    backends = data["backends"]
+    if data["backend"] not in backends:
+        issues.add(("backend",), f"{data['backend']!r} is not an entry of backends "
+                   f"(entries: {', '.join(sorted(backends))})")
+    for name, entry in backends.items():
+        for key in ("url", "public_base"):
+            value = entry.get(key)
+            if isinstance(value, str) and value.startswith("http"):
+                problem = _url_problem(value)
+                if problem:
+                    issues.add(("backends", name, key), f"{value!r} {problem}")
+        ca = entry.get("ca_bundle")
+        if isinstance(ca, str) and not _resolve(ca, base_dir).is_file():
+            issues.add(("backends", name, "ca_bundle"), f"CA bundle {ca!r} is not a readable file")
+        _token_issue(entry.get("service_token"), ("backends", name, "service_token"), issues)
+    _token_issue(data.get("upstream", {}).get("service_token"), ("upstream", "service_token"), issues)
+    access = data.get("access", {})
+    for key in ("networks", "trusted_proxies"):
+        for i, net in enumerate(access.get(key, [])):
+            try:
+                ipaddress.ip_network(net, strict=True)
+            except ValueError as exc:
+                issues.add(("access", key, i), f"{net!r} is not a network: {exc}")
+    for i, token in enumerate(access.get("tokens", [])):
+        path = ("access", "tokens", i)
+        if token and len(token) < MIN_TOKEN_CHARS:
+            issues.add(path, f"a token must be at least {MIN_TOKEN_CHARS} characters long")
+        _token_issue(token, path, issues)
+
+
+def _token_issue(token: Any, path: KeyPath, issues: _Issues) -> None:
+    # A token ends up in a header: refuse anything that could split or smuggle one.
+    if isinstance(token, str) and token and not set(token) <= _VISIBLE:
+        issues.add(path, "a token may only hold visible ASCII characters (no spaces or newlines)")
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host"
+    if parts.username is not None or parts.query or parts.fragment:
+        return "must not hold user:password@, a query or a fragment"
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build(data: dict[str, Any], source: str, sha256: str, base_dir: Path) -> c.Config:
+    shared = _timeouts(data.get("timeouts", {}), c.Timeouts())
+    upstream = data.get("upstream", {})
+    global_token = upstream.get("service_token") or None
+    backends = {}
+    for name, entry in data["backends"].items():
+        retry = entry.get("retry", {})
+        backends[name] = c.BackendSettings(
+            name=name,
+            kind=entry["kind"],
+            url=str(entry.get("url", "")).rstrip("/"),
+            public_base=entry.get("public_base", c.DEFAULT_PUBLIC_BASE),
+            timeouts=_timeouts(entry.get("timeouts", {}), shared),
+            service_token=entry.get("service_token") or global_token,
+            ca_bundle=str(_resolve(entry["ca_bundle"], base_dir)) if entry.get("ca_bundle") else None,
+            host=entry.get("host"),
+            retry=c.Retry(
+                attempts=retry.get("attempts", c.DEFAULT_RETRY_ATTEMPTS if entry["kind"] == "knative" else 1),
+                budget_ms=retry.get("budget_ms", c.DEFAULT_RETRY_BUDGET_MS),
+                backoff_ms=retry.get("backoff_ms", c.DEFAULT_RETRY_BACKOFF_MS),
+            ),
+            pool_size=upstream.get("pool_size", c.DEFAULT_POOL_SIZE),
+            pool_wait_ms=upstream.get("pool_wait_ms", c.DEFAULT_POOL_WAIT_MS),
+            max_reply_bytes=data.get("limits", {}).get("max_reply_bytes", c.DEFAULT_MAX_REPLY_BYTES),
+            options=MappingProxyType(dict(entry)),
+        )
+    access = data.get("access", {})
+    limits = data.get("limits", {})
+    routes = data.get("routes", {})
+    logging_ = data.get("logging", {})
+    return c.Config(
+        backend=data["backend"],
+        backends=MappingProxyType(backends),
+        timeouts=shared,
+        max_body_bytes=limits.get("max_body_bytes", c.DEFAULT_MAX_BODY_BYTES),
+        max_reply_bytes=limits.get("max_reply_bytes", c.DEFAULT_MAX_REPLY_BYTES),
+        asset_prefixes=tuple(routes.get("asset_prefixes", c.DEFAULT_ASSET_PREFIXES)),
+        expose_runner_errors=routes.get("expose_runner_errors", False),
+        access=c.Access(
+            networks=tuple(ipaddress.ip_network(n) for n in access.get("networks", c.DEFAULT_NETWORKS)),
+            tokens=tuple(t for t in access.get("tokens", []) if t),
+            trusted_proxies=tuple(ipaddress.ip_network(n) for n in access.get("trusted_proxies", [])),
+        ),
+        metrics_enabled=data.get("metrics", {}).get("enabled", True),
+        log_format=logging_.get("format", "text"),
+        access_log=logging_.get("access_log", True),
+        source=source,
+        sha256=sha256,
+        data=MappingProxyType(data),
+    )
+
+
+def _timeouts(raw: dict[str, int], base: c.Timeouts) -> c.Timeouts:
+    return c.Timeouts(connect_ms=raw.get("connect_ms", base.connect_ms),
+                      read_ms=raw.get("read_ms", base.read_ms))
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    return Path(path) if os.path.isabs(path) else base_dir / path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,131 @@
+"""Read a YAML document into plain data plus the line of every key.
+
+Use this (through ``runner_mw.loader``) rather than ``yaml.safe_load`` when errors
+must point at ``FILE:LINE``. It only ever builds plain scalars, lists and dicts
+(safe loading), refuses anchors and aliases (no alias bombs), refuses duplicate
+keys instead of silently keeping the last one, and calls ``on_scalar`` for each
+scalar value so that interpolation can know the key path and the scalar's style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from runner_mw.errors import ConfigIssue
+
+Path = tuple[str | int, ...]
+#: Called with (key path, raw text, plain style?) for every string scalar value;
+#: returns the final value (or raises ``ValueError`` with a message).
+ScalarHook = Callable[[Path, str, bool], Any]
+
+
+def dotted(path: Path) -> str:
+    """``("backends", "docker", "url")`` -> ``backends.docker.url``; list items as ``[0]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors and aliases while composing."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(
+                None, None, "aliases (*name) are not allowed in runner_mw config", event.start_mark
+            )
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise yaml.MarkedYAMLError(
+                None, None, "anchors (&name) are not allowed in runner_mw config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+class _Builder:
+    def __init__(self, file: str, on_scalar: ScalarHook | None) -> None:
+        self.file = file
+        self.on_scalar = on_scalar
+        self.lines: dict[Path, int] = {}
+        self.issues: list[ConfigIssue] = []
+        self._constructor = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._key(key_node, path)
+                if key is None:
+                    continue
+                child = (*path, key)
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    self._issue(line, child, f"duplicate key '{key}' (first at line "
+                                f"{self.lines.get(child, '?')})")
+                    continue
+                self.lines[child] = line
+                out[key] = self.build(value_node, child)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        value = self._constructor.construct_object(node, deep=True)
+        if isinstance(value, str) and self.on_scalar is not None:
+            try:
+                return self.on_scalar(path, value, node.style is None)
+            except ValueError as exc:
+                self._issue(node.start_mark.line + 1, path, str(exc))
+                return value
+        return value
+
+    def _key(self, node: yaml.Node, path: Path) -> str | None:
+        if not isinstance(node, yaml.ScalarNode):
+            self._issue(node.start_mark.line + 1, path, "keys must be plain strings")
+            return None
+        key = self._constructor.construct_object(node)
+        if not isinstance(key, str):
+            # 'on: 1' or '1: x': YAML reads a bool or an int; the config only has string keys.
+            self._issue(node.start_mark.line + 1, path, f"key {node.value!r} must be a string")
+            return None
+        return key
+
+    def _issue(self, line: int, path: Path, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, line, dotted(path), message))
+
+
+def load_yaml(
+    text: str, file: str, on_scalar: ScalarHook | None = None
+) -> tuple[Any, dict[Path, int], list[ConfigIssue]]:
+    """Parse one YAML document: returns (data, line of each key path, issues found).
+
+    A syntax error is returned as a single issue with line and column; ``data``
+    is then ``None``.
+    """
+    loader = _NoAliasLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        column = f"column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        return None, {}, [ConfigIssue(file, line, "", f"YAML syntax error: {column}{problem}")]
+    except yaml.YAMLError as exc:  # e.g. a reader error on control characters
+        return None, {}, [ConfigIssue(file, None, "", f"YAML error: {exc}")]
+    finally:
+        loader.dispose()
+    if root is None:
+        return None, {}, []
+    builder = _Builder(file, on_scalar)
+    data = builder.build(root, ())
+    return data, builder.lines, builder.issues
