@@ -10,6 +10,7 @@ from __future__ import annotations
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError, ConfigIssue, RunnerMWError, UpstreamError
 from runner_mw.loader import config_from_mapping, load_config
+from runner_mw.middleware import RunnerMiddleware
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "RunnerMWError",
+    "RunnerMiddleware",
     "UpstreamError",
     "__version__",
     "config_from_mapping",

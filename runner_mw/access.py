@@ -1,0 +1,84 @@
+"""Who may call ``/v1/execute`` and ``/runner/-/status|metrics``.
+
+Use ``check_access`` on those routes. The rule (design doc): the peer is in
+``access.networks`` (default loopback only) OR it presents one of
+``access.tokens`` as ``Authorization: Bearer``; a host app's
+``authorize(environ) -> bool`` decides instead when given. ``X-Forwarded-For`` is
+believed only when the direct peer is in ``access.trusted_proxies``: behind a
+reverse proxy every peer is the proxy, so without that setting everyone would
+look like loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from runner_mw.config import Access
+
+Authorize = Callable[[Mapping[str, Any]], bool]
+
+ALLOW = 200
+UNAUTHORIZED = 401  # no usable credentials: the client may retry with a token
+FORBIDDEN = 403  # credentials understood, caller not allowed
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_address(environ: Mapping[str, Any], access: Access) -> IPAddress | None:
+    """The client's address: the peer, or the right-most X-Forwarded-For hop that is not
+    a trusted proxy when (and only when) the peer is one."""
+    try:
+        addr = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return None  # a unix socket or an unknown peer: never in a network
+    if not access.trusted_proxies or not _in(addr, access.trusted_proxies):
+        return addr
+    forwarded = ",".join(v for k, v in environ.items() if k == "HTTP_X_FORWARDED_FOR")
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        try:
+            addr = ipaddress.ip_address(hop)
+        except ValueError:
+            return None  # a garbled chain is not believed at all
+        if not _in(addr, access.trusted_proxies):
+            return addr
+    return addr
+
+
+def check_access(environ: Mapping[str, Any], access: Access, authorize: Authorize | None) -> int:
+    """``ALLOW``, ``UNAUTHORIZED`` or ``FORBIDDEN`` for one request."""
+    if authorize is not None:
+        return ALLOW if authorize(environ) else FORBIDDEN
+    addr = client_address(environ, access)
+    if addr is not None and _in(addr, access.networks):
+        return ALLOW
+    token = bearer_token(environ)
+    if token is not None and access.tokens and token_matches(token, access.tokens):
+        return ALLOW
+    return UNAUTHORIZED
+
+
+def bearer_token(environ: Mapping[str, Any]) -> str | None:
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def token_matches(token: str, tokens: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every configured token (no early exit)."""
+    given = token.encode("utf-8", "surrogateescape")
+    found = False
+    for candidate in tokens:
+        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
+    return found
+
+
+def _in(addr: IPAddress, networks: tuple[Any, ...]) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)

@@ -1,0 +1,98 @@
+"""The ``/runner/<prefix>/...`` route: extension UI assets, streamed same-origin.
+
+Use ``handle_asset`` from the middleware only. The path was already made
+canonical; this forwards GET/HEAD with allow-listed headers and the query as is,
+and streams the reply back chunk by chunk (memory stays flat for a 256 MB asset).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from runner_mw.backends.base import AssetResponse
+from runner_mw.errors import UpstreamError
+from runner_mw.headers import ASSET_REQUEST_ALLOW, SERVICE_TOKEN, request_headers, response_headers
+from runner_mw.responses import error, status_line
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+
+    from runner_mw.snapshot import Snapshot
+
+log = logging.getLogger("runner_mw")
+
+
+class StreamedBody:
+    """The WSGI iterable of a proxied asset. ``close()`` (the server always calls it, also
+    when the client went away) releases the upstream connection, then ``done``."""
+
+    def __init__(self, upstream: AssetResponse, done: Callable[[bool], None]) -> None:
+        self._upstream = upstream
+        self._done = done
+        self._complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._upstream.chunks:
+                if chunk:
+                    yield chunk
+        except UpstreamError:
+            # The runner broke off mid-body. Re-raising makes the server abort the
+            # connection: the client sees a broken transfer, never a short body that looks whole.
+            log.warning("upstream asset body broken off")
+            raise
+        self._complete = True
+
+    def close(self) -> None:
+        try:
+            self._upstream.close()
+        finally:
+            self._done(self._complete)
+
+
+def handle_asset(
+    environ: dict[str, Any], start_response: StartResponse, snap: Snapshot, rid: str,
+    tail: str, done: Callable[[int], None],
+) -> Any:
+    """Forward one asset request (``tail`` is the encoded path below ``/runner/``).
+
+    ``done(status)`` is called once the response is finished (or failed).
+    """
+    method = environ.get("REQUEST_METHOD", "GET")
+    headers = request_headers(environ, ASSET_REQUEST_ALLOW)
+    headers["x-request-id"] = rid
+    active = snap.config.active
+    if active.service_token:
+        headers[SERVICE_TOKEN] = active.service_token
+    try:
+        upstream = snap.backend.fetch_asset(method, tail, environ.get("QUERY_STRING", ""), headers)
+    except UpstreamError as exc:
+        done(exc.status)
+        extra = [("Retry-After", "1")] if exc.status == 503 else []
+        return error(start_response, exc.status, exc.code, rid, headers=extra)
+    out = response_headers(upstream.headers)
+    if not (200 <= upstream.status < 300 or upstream.status == 304):
+        # The runner marks every reply immutable; an error page must not be cached.
+        out = [(n, v) for n, v in out if n.lower() != "cache-control"]
+        out.append(("Cache-Control", "no-store"))
+    out = [_relocate(n, v, environ, snap.config.asset_prefixes) for n, v in out]
+    out.append(("X-Request-Id", rid))
+    try:
+        start_response(status_line(upstream.status), out)
+    except BaseException:
+        upstream.close()
+        done(upstream.status)
+        raise
+    status = upstream.status
+    return StreamedBody(upstream, lambda complete: done(status if complete else 502))
+
+
+def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...]) -> tuple[str, str]:
+    """A redirect to ``/ext-ui/...`` on the runner becomes ``/runner/ext-ui/...`` here."""
+    if name.lower() != "location" or not value.startswith("/") or value.startswith("//"):
+        return name, value
+    if any(value[1:].startswith(p) for p in prefixes):
+        return name, environ.get("SCRIPT_NAME", "").rstrip("/") + "/runner" + value
+    return name, value

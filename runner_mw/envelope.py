@@ -1,0 +1,85 @@
+"""Checks on the ``/v1/execute`` envelope before it is sent to the runner.
+
+Use ``envelope_problem`` to refuse early (400 ``invalid_request``) what the runner
+would refuse anyway, with a detail a developer can act on, and ``prepare`` to
+fill in what the gateway owns (request id, the timeout the runner must honour).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner_mw.backends.base import CONTENT_HASH
+
+_OPTIONAL_STR = ("request_id", "install_id", "version_id")
+
+
+def envelope_problem(env: Any) -> str | None:
+    """What is wrong with an envelope (a short text), or None when it is usable."""
+    if not isinstance(env, dict):
+        return "the body must be a JSON object (an execute envelope)"
+    ctx = env.get("context")
+    if not isinstance(ctx, dict):
+        return "context must be an object"
+    for key in ("tenant_id", "extension_id"):
+        if not isinstance(ctx.get(key), str) or not ctx[key]:
+            return f"context.{key} must be a non-empty string"
+    if not isinstance(ctx.get("content_hash"), str) or not CONTENT_HASH.fullmatch(ctx["content_hash"]):
+        return "context.content_hash must be 'sha256:' followed by 64 hex digits"
+    for key in _OPTIONAL_STR:
+        if ctx.get(key) is not None and not isinstance(ctx[key], str):
+            return f"context.{key} must be a string"
+    config = ctx.get("config")
+    if config is not None and not (isinstance(config, dict)
+                                   and all(isinstance(v, str) for v in config.values())):
+        return "context.config must be an object of strings"
+    http = env.get("http")
+    if not isinstance(http, dict):
+        return "http must be an object"
+    for key in ("method", "path"):
+        if not isinstance(http.get(key), str) or not http[key]:
+            return f"http.{key} must be a non-empty string"
+    for key in ("query", "headers"):
+        value = http.get(key)
+        if value is not None and not (isinstance(value, dict)
+                                      and all(isinstance(v, str) for v in value.values())):
+            return f"http.{key} must be an object of strings"
+    if http.get("body_b64") is not None and not isinstance(http["body_b64"], str):
+        return "http.body_b64 must be a string"
+    limits = env.get("limits")
+    if limits is not None:
+        if not isinstance(limits, dict):
+            return "limits must be an object"
+        for key in ("timeout_ms", "memory_mb", "fuel"):
+            value = limits.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                return f"limits.{key} must be a non-negative integer"
+    providers = env.get("providers")
+    if providers is not None and not (isinstance(providers, list)
+                                      and all(isinstance(p, str) for p in providers)):
+        return "providers must be a list of strings"
+    for key in ("secret_envelope", "user"):
+        if env.get(key) is not None and not isinstance(env[key], dict):
+            return f"{key} must be an object"
+    return None
+
+
+def timeout_budget_ms(read_ms: int) -> int:
+    """The ``limits.timeout_ms`` the runner is told: a margin below the gateway's deadline,
+    so that the runner's own timeout answers (in-band) before the gateway gives up."""
+    margin = max(50, min(1000, read_ms // 10))
+    return max(1, read_ms - margin)
+
+
+def prepare(env: dict[str, Any], request_id: str, read_ms: int) -> dict[str, Any]:
+    """Fill ``context.request_id`` when absent and set or clamp ``limits.timeout_ms``."""
+    ctx = env["context"]
+    if not ctx.get("request_id"):
+        ctx["request_id"] = request_id
+    limits = env.get("limits")
+    if not isinstance(limits, dict):
+        limits = env["limits"] = {}
+    budget = timeout_budget_ms(read_ms)
+    if not limits.get("timeout_ms") or limits["timeout_ms"] > budget:
+        limits["timeout_ms"] = budget
+    return env

@@ -1,0 +1,157 @@
+"""The ``/v1/execute`` route: checks, envelope, transport headers, reply mapping.
+
+Use ``handle_execute`` from the middleware only; every refusal is a JSON error
+(see ``runner_mw.responses``) decided before anything is sent to the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from runner_mw import access as acc
+from runner_mw.envelope import envelope_problem, prepare
+from runner_mw.errors import UpstreamError
+from runner_mw.headers import EXECUTE_REQUEST_ALLOW, SERVICE_TOKEN, request_headers
+from runner_mw.responses import error, status_line
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+
+    from runner_mw.snapshot import Snapshot
+
+ExecuteHook = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
+log = logging.getLogger("runner_mw")
+CHUNK = 64 * 1024
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, detail: str | None = None) -> None:
+        self.status, self.code, self.detail = status, code, detail
+
+
+def handle_execute(
+    environ: dict[str, Any], start_response: StartResponse, snap: Snapshot, rid: str,
+    authorize: acc.Authorize | None, execute_hook: ExecuteHook | None,
+) -> tuple[int, list[bytes]]:
+    """Answer one ``/v1/execute`` request; returns (status, body) for the access log."""
+    config = snap.config
+    if environ.get("REQUEST_METHOD") != "POST":
+        return 405, error(start_response, 405, "method_not_allowed", rid, headers=[("Allow", "POST")])
+    verdict = acc.check_access(environ, config.access, authorize)
+    if verdict == acc.UNAUTHORIZED:
+        return 401, error(start_response, 401, "unauthorized", rid,
+                          headers=[("WWW-Authenticate", 'Bearer realm="runner_mw"')])
+    if verdict == acc.FORBIDDEN:
+        return 403, error(start_response, 403, "forbidden", rid)
+    try:
+        body, headers = _build_request(environ, snap, rid, execute_hook)
+        reply = snap.backend.execute(body, headers)
+        status, payload = _map_reply(reply.status, reply.body, config.expose_runner_errors)
+    except _Refused as exc:
+        return exc.status, error(start_response, exc.status, exc.code, rid, detail=exc.detail)
+    except UpstreamError as exc:
+        extra = [("Retry-After", "1")] if exc.status == 503 else []
+        return exc.status, error(start_response, exc.status, exc.code, rid, headers=extra)
+    start_response(status_line(status), [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(payload))),
+        ("Cache-Control", "no-store"),  # the runner says "immutable" on everything
+        ("X-Request-Id", rid),
+    ])
+    return status, [payload]
+
+
+def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
+                   execute_hook: ExecuteHook | None) -> tuple[bytes, dict[str, str]]:
+    config = snap.config
+    ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise _Refused(415, "unsupported_media_type", "Content-Type must be application/json")
+    raw = read_body(environ, config.max_body_bytes)
+    try:
+        envelope = json.loads(raw)
+    except UnicodeDecodeError:
+        raise _Refused(400, "invalid_request", "body is not UTF-8") from None
+    except (ValueError, RecursionError):
+        raise _Refused(400, "invalid_request", "body is not valid JSON") from None
+    if execute_hook is not None and isinstance(envelope, dict):
+        try:
+            envelope = execute_hook(environ, envelope)
+        except PermissionError:
+            raise _Refused(403, "forbidden") from None
+    problem = envelope_problem(envelope)
+    if problem:
+        raise _Refused(400, "invalid_request", problem)
+    headers = request_headers(environ, EXECUTE_REQUEST_ALLOW, allow_prefix="x-alga-")
+    ctx = envelope["context"]
+    for name, key in (("x-alga-tenant", "tenant_id"), ("x-alga-extension", "extension_id")):
+        given = headers.get(name)
+        if given is not None and given != ctx[key]:
+            raise _Refused(400, "invalid_request", f"{name} does not match context.{key}")
+        headers[name] = ctx[key]
+    headers["x-request-id"] = rid
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"
+    active = config.active
+    if active.service_token:
+        headers[SERVICE_TOKEN] = active.service_token
+    envelope = prepare(envelope, rid, active.timeouts.read_ms)
+    return json.dumps(envelope, separators=(",", ":")).encode(), headers
+
+
+def read_body(environ: Mapping[str, Any], limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` before or while reading."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        try:
+            size = int(length)
+        except ValueError:
+            raise _Refused(400, "invalid_request", "bad Content-Length") from None
+        if size < 0:
+            raise _Refused(400, "invalid_request", "bad Content-Length")
+        if size > limit:
+            raise _Refused(413, "payload_too_large")
+        parts, got = [], 0
+        while got < size:
+            chunk = stream.read(min(CHUNK, size - got))
+            if not chunk:
+                raise _Refused(400, "invalid_request", "body shorter than Content-Length")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not (chunked or environ.get("wsgi.input_terminated")):
+        return b""
+    parts, got = [], 0
+    while True:
+        chunk = stream.read(CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        got += len(chunk)
+        if got > limit:
+            raise _Refused(413, "payload_too_large")
+        parts.append(chunk)
+
+
+def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, bytes]:
+    """The runner's transport reply -> what the client gets (see the error table)."""
+    if status == 413:
+        raise _Refused(413, "payload_too_large")
+    if status >= 400 or status < 200:
+        raise _Refused(502, "bad_gateway")
+    try:
+        reply = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Refused(502, "bad_gateway") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("status"), int):
+        raise _Refused(502, "bad_gateway")
+    err = reply.get("error")
+    if not expose_errors and isinstance(err, str) and ":" in err:
+        # Runner error text can reveal paths and internals; its code is enough for callers.
+        reply["error"] = err.split(":", 1)[0].strip()
+        return 200, json.dumps(reply, separators=(",", ":")).encode()
+    return 200, body

@@ -1,0 +1,84 @@
+"""Header policy both ways: allow-lists to the runner, hop-by-hop and cookie removal back.
+
+Use ``request_headers`` to build what is sent upstream from a WSGI environ and
+``response_headers`` to filter what the runner sent before it reaches the client.
+The rules (design doc, "Security rules"): drop the headers named in
+``Connection`` first, then the hop-by-hop ones, then add ours; never forward the
+client's ``Authorization``, cookies or a client-supplied service token; keep each
+``Set-Cookie`` separate (assets drop them all: the UI runs on the host's origin).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+SERVICE_TOKEN = "x-runner-service-token"
+
+#: Request headers passed to ``/runner/*`` (the reference gateway's list, plus tracing).
+ASSET_REQUEST_ALLOW = frozenset({
+    "accept", "accept-encoding", "accept-language", "if-none-match", "if-modified-since",
+    "range", "user-agent", "traceparent", "tracestate",
+})
+#: Request headers passed to ``/v1/execute`` (plus every ``x-alga-*``). No accept-encoding:
+#: the gateway reads the reply (to reduce error texts), so it asks for identity.
+EXECUTE_REQUEST_ALLOW = frozenset({
+    "accept", "content-type", "user-agent", "x-request-id", "x-idempotency-key",
+    "traceparent", "tracestate",
+})
+# Set by the WSGI server or by us; a runner's copy would duplicate them.
+_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "server", "date", "x-request-id"}
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def connection_tokens(value: str | None) -> frozenset[str]:
+    """Header names listed in a ``Connection`` header (lower-cased)."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def environ_headers(environ: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    """The client's request headers as (lower-case name, value) from a WSGI environ."""
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            yield key[5:].replace("_", "-").lower(), value
+    if environ.get("CONTENT_TYPE"):
+        yield "content-type", environ["CONTENT_TYPE"]
+
+
+def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
+                    allow_prefix: str | None = None) -> dict[str, str]:
+    """The client headers that may go upstream: Connection-listed dropped, then hop-by-hop,
+    then everything off the allow-list (cookies, authorization, the service token...)."""
+    named = connection_tokens(environ.get("HTTP_CONNECTION"))
+    out: dict[str, str] = {}
+    for name, value in environ_headers(environ):
+        if name in named or name in HOP_BY_HOP:
+            continue
+        allowed = name in allow or (allow_prefix is not None and name.startswith(allow_prefix))
+        if allowed and _TOKEN.fullmatch(name) and not _has_ctl(value):
+            out[name] = value
+    return out
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The runner's response headers minus Connection-listed, hop-by-hop, cookies and
+    the ones the server or the gateway sets itself. Order and duplicates are kept."""
+    items = list(headers)
+    named: set[str] = set()
+    for name, value in items:
+        if name.lower() == "connection":
+            named |= connection_tokens(value)
+    return [(n, v) for n, v in items
+            if (low := n.lower()) not in _RESPONSE_DROP and low not in named and not _has_ctl(v)]
+
+
+def _has_ctl(value: str) -> bool:
+    return any(ch in value for ch in "\r\n\x00")

@@ -1,0 +1,199 @@
+"""``RunnerMiddleware``: the extension-runner gateway inside any WSGI app.
+
+Use it to wrap a Flask, Pyramid or plain WSGI app::
+
+    from runner_mw import RunnerMiddleware
+    app.wsgi_app = RunnerMiddleware(app.wsgi_app, "config/runner.yaml")   # Flask
+
+``/runner/*`` and ``/v1/execute`` go to the active backend of the YAML file;
+every other request reaches ``app`` with its environ unchanged but for one added
+key, ``runner_mw.ui_url`` (builds extension iframe URLs). SIGHUP, or
+``middleware.reload()``, swaps in an edited file without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from runner_mw import access as acc
+from runner_mw.assets import handle_asset
+from runner_mw.config import Config
+from runner_mw.execute import ExecuteHook, handle_execute
+from runner_mw.loader import config_from_mapping
+from runner_mw.paths import InvalidPath, canonical_tail, encode
+from runner_mw.responses import error, json_response, request_id
+from runner_mw.snapshot import ReloadOutcome, SnapshotStore
+from runner_mw.status import HealthCache, status_document
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication
+
+log = logging.getLogger("runner_mw")
+access_log = logging.getLogger("runner_mw.access")
+
+EXECUTE_PATH = "/v1/execute"
+PREFIX = "/runner"
+
+
+class RunnerMiddleware:
+    """Route ``/runner/*`` and ``/v1/execute`` to the configured runner backend.
+
+    Parameters:
+        app: the wrapped WSGI app; gets every other request.
+        config: path of the YAML file (reloadable), or a mapping / ``Config`` kept in code.
+        authorize: ``authorize(environ) -> bool`` decides access to /v1/execute and
+            status instead of ``access.networks``/``tokens`` (e.g. from the app's session).
+        execute_hook: ``execute_hook(environ, envelope) -> envelope`` binds tenant, user and
+            install to the caller; raise ``PermissionError`` for a 403.
+        reload_signal: install a SIGHUP handler that reloads the file (main thread only).
+
+    Raises ``runner_mw.ConfigError`` when the first config is invalid: a server must not
+    start with a broken file (later reloads keep the last good one instead).
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        config: str | os.PathLike[str] | Mapping[str, Any] | Config,
+        *,
+        authorize: acc.Authorize | None = None,
+        execute_hook: ExecuteHook | None = None,
+        reload_signal: bool = True,
+    ) -> None:
+        self.app = app
+        self.authorize = authorize
+        self.execute_hook = execute_hook
+        from runner_mw import reload as _reload
+
+        path: str | None = None
+        if isinstance(config, Config):
+            cfg = config
+        elif isinstance(config, Mapping):
+            cfg = config_from_mapping(config)
+        else:
+            path = os.fspath(config)
+            cfg = _reload.initial_config(path)
+        self.store = SnapshotStore(cfg, path=path)
+        self._health = HealthCache()
+        _reload.attach(self, signal_handler=reload_signal and path is not None)
+
+    # ------------------------------------------------------------------ WSGI
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == EXECUTE_PATH or (path[:7] == PREFIX and (len(path) == 7 or path[7] == "/")):
+            return self._ours(environ, start_response, path)
+        environ["runner_mw.ui_url"] = partial(self.ui_url, script_name=environ.get("SCRIPT_NAME", ""))
+        return self.app(environ, start_response)
+
+    def _ours(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> Iterable[bytes]:
+        started = time.monotonic()
+        rid = request_id(environ)
+        snap = self.store.current
+        snap.enter()
+        route = "execute" if path == EXECUTE_PATH else "asset"
+        finished = False
+
+        def done(status: int) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            snap.leave()
+            if snap.config.access_log:
+                _log_request(route, snap.config.backend, status, started, rid, environ)
+
+        try:
+            if route == "execute":
+                try:
+                    canonical_tail(environ, path, 2)
+                except InvalidPath:
+                    done(400)
+                    return error(start_response, 400, "invalid_path", rid)
+                status, body = handle_execute(environ, start_response, snap, rid,
+                                              self.authorize, self.execute_hook)
+                done(status)
+                return body
+            return self._runner_route(environ, start_response, snap, rid, path, done)
+        except Exception:
+            # Nothing may take a worker down; the client gets no exception text.
+            log.exception("internal error on %s (request %s)", route, rid)
+            done(500)
+            return error(start_response, 500, "internal_error", rid)
+
+    def _runner_route(self, environ: dict[str, Any], start_response: StartResponse, snap: Any,
+                      rid: str, path: str, done: Any) -> Any:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            done(405)
+            return error(start_response, 405, "method_not_allowed", rid, headers=[("Allow", "GET, HEAD")])
+        try:
+            segments = canonical_tail(environ, path, 1)
+        except InvalidPath as exc:
+            log.info("refused path (request %s): %s", rid, exc)
+            done(400)
+            return error(start_response, 400, "invalid_path", rid)
+        if segments and segments[0] == "-":
+            return self._local(environ, start_response, snap, rid, segments[1:], done)
+        tail = encode(segments)
+        if not tail or not any(tail.startswith(p) for p in snap.config.asset_prefixes):
+            done(404)
+            return error(start_response, 404, "not_found", rid)
+        return handle_asset(environ, start_response, snap, rid, tail, done)
+
+    def _local(self, environ: dict[str, Any], start_response: StartResponse, snap: Any, rid: str,
+               rest: list[str], done: Any) -> Any:
+        """The gateway's own endpoints under ``/runner/-/``."""
+        if rest == ["healthz"]:
+            done(200)
+            return json_response(start_response, 200, {"ok": True}, rid)
+        if rest in (["status"], ["metrics"]):
+            verdict = acc.check_access(environ, snap.config.access, self.authorize)
+            if verdict != acc.ALLOW:
+                done(verdict)
+                code = "unauthorized" if verdict == acc.UNAUTHORIZED else "forbidden"
+                extra = [("WWW-Authenticate", 'Bearer realm="runner_mw"')] if verdict == 401 else []
+                return error(start_response, verdict, code, rid, headers=extra)
+            if rest == ["status"]:
+                doc = status_document(snap, self.store.last_reload, self._health.get(snap))
+                done(200)
+                return json_response(start_response, 200, doc, rid)
+            from runner_mw import metrics
+
+            status, body = metrics.render(start_response, snap, rid)
+            done(status)
+            return body
+        done(404)
+        return error(start_response, 404, "not_found", rid)
+
+    # ------------------------------------------------------------------ API
+
+    def ui_url(self, extension_id: str, content_hash: str, path: str = "/",
+               tenant: str | None = None, *, script_name: str = "") -> str:
+        """The iframe URL of an extension's UI on the active backend (see ``RunnerBackend.ui_url``)."""
+        return self.store.current.backend.ui_url(extension_id, content_hash, path, tenant,
+                                                 script_name=script_name)
+
+    def reload(self) -> ReloadOutcome:
+        """Re-read the config file now; a bad file keeps the current config (see ``last_reload``)."""
+        return self.store.reload()
+
+    def close(self) -> None:
+        """Close the current backend's connections (tests, shutdown)."""
+        self.store.current.backend.close()
+
+
+def _log_request(route: str, backend: str, status: int, started: float, rid: str,
+                 environ: Mapping[str, Any]) -> None:
+    ms = (time.monotonic() - started) * 1000
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("request route=%s backend=%s method=%s status=%d upstream_ms=%.1f request_id=%s",
+                        route, backend, environ.get("REQUEST_METHOD"), status, ms, rid)
+
+
+__all__ = ["RunnerMiddleware"]

@@ -1,0 +1,84 @@
+"""Canonical paths: one decision for routing and for the upstream URL.
+
+Use ``canonical_tail`` on every request the middleware owns, before anything is
+sent upstream. Servers percent-decode ``PATH_INFO``, so encoded dots and slashes
+are only visible in the raw request URI (``RAW_URI`` in gunicorn and werkzeug,
+``REQUEST_URI`` in waitress): the raw form is checked when the server gives it,
+the decoded form always, and the upstream path is re-encoded strictly from the
+decoded segments. Anything ambiguous is refused (400), never "cleaned up".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+# Encodings that only ever serve to smuggle a separator, a dot or a control
+# character past a check: %2e . %2f / %5c \ %25 % (double encoding) %3b ;
+# and %00-%1f / %7f.
+_BAD_ESCAPE = re.compile(r"%(2e|2f|5c|25|3b|[01][0-9a-f]|7f)", re.IGNORECASE)
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+# Characters refused anywhere in a path, raw or decoded.
+_BAD_CHARS = frozenset("\\;\x00\r\n\t\x7f ")
+# What a segment may hold after strict re-encoding (RFC 3986 pchar minus ';').
+_SAFE = "!$&'()*+,=:@-._~"
+
+
+class InvalidPath(ValueError):
+    """The path was refused; the message says why (for logs, never for clients)."""
+
+
+def raw_path(environ: Mapping[str, Any]) -> str | None:
+    """The raw path (no query) as the client sent it, when the server tells us."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not raw:
+        return None
+    if raw.startswith(("http://", "https://")):  # absolute-form request target
+        slash = raw.find("/", raw.find("//") + 2)
+        raw = raw[slash:] if slash >= 0 else "/"
+    return raw.split("?", 1)[0].split("#", 1)[0]
+
+
+def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> list[str]:
+    """Check the request path and return its decoded segments after the first ``skip``.
+
+    ``path_info`` is the decoded ``PATH_INFO`` (latin-1 per PEP 3333). Raises
+    ``InvalidPath``. The returned segments are safe to re-encode with ``encode``.
+    """
+    if any(ch in _BAD_CHARS for ch in path_info) or any(ord(ch) < 0x20 for ch in path_info):
+        raise InvalidPath("forbidden character in path")
+    decoded = path_info.split("/")[1:]
+    raw = raw_path(environ)
+    if raw is not None:
+        if _BAD_ESCAPE.search(raw) or _MALFORMED_ESCAPE.search(raw):
+            raise InvalidPath("encoded separator, dot, percent or control character")
+        if any(ch in _BAD_CHARS for ch in raw):
+            raise InvalidPath("forbidden character in raw path")
+        raw_segments = raw.split("/")[1:]
+        # PATH_INFO is the tail of the raw path (SCRIPT_NAME may come first); since no
+        # encoded slash got this far, segments map one to one.
+        if len(raw_segments) < len(decoded):
+            raise InvalidPath("raw path and PATH_INFO disagree")
+        tail = raw_segments[len(raw_segments) - len(decoded):]
+        for enc, dec in zip(tail, decoded, strict=True):
+            if unquote_to_bytes(enc).decode("latin-1") != dec:
+                raise InvalidPath("raw path and PATH_INFO disagree")
+    segments = decoded[skip:]
+    for i, seg in enumerate(segments):
+        if seg in (".", ".."):
+            raise InvalidPath("dot segment")
+        if seg == "" and i != len(segments) - 1:
+            raise InvalidPath("empty segment")
+        try:
+            # PEP 3333 hands us bytes as latin-1 text; the URL itself must be UTF-8.
+            seg.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise InvalidPath("path is not UTF-8") from None
+    return segments
+
+
+def encode(segments: list[str]) -> str:
+    """Re-encode decoded segments strictly (``/`` joined, no leading slash)."""
+    return "/".join(quote(seg.encode("latin-1"), safe=_SAFE) for seg in segments)

@@ -1,0 +1,106 @@
+"""Reload on SIGHUP in-process: the handler only records the signal, a thread reloads.
+
+Use nothing here directly: ``RunnerMiddleware`` attaches itself. Outside gunicorn
+(werkzeug's server, waitress, any single process) SIGHUP sets a flag and a
+daemon watcher thread (started in this process, polling the flag every
+``POLL_S``) calls ``reload()`` on every live middleware, so the reload runs
+promptly even with no traffic and never inside the signal handler (no I/O,
+logging or locks there). Under gunicorn the master receives HUP: the hooks in
+``runner_mw.gunicorn`` validate there and make each worker swap in place, so
+nothing is installed in a gunicorn process here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+log = logging.getLogger("runner_mw.reload")
+POLL_S = 0.1
+
+_middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
+_pending = False
+_watcher_pid = 0
+_start_lock = threading.Lock()
+
+
+def initial_config(path: str) -> Any:
+    """The config a new middleware starts with: the file, or (in a gunicorn worker run
+    with runner_mw's hooks) exactly what the master last validated."""
+    from runner_mw.loader import load_config
+
+    return load_config(path)
+
+
+def _on_sighup(signum: int, frame: Any) -> None:
+    # Runs between two bytecodes of whatever the main thread was doing: only set a flag.
+    global _pending
+    _pending = True
+
+
+def under_gunicorn() -> bool:
+    """True in a gunicorn master or worker (its hooks own HUP there)."""
+    return "gunicorn.arbiter" in sys.modules
+
+
+def attach(middleware: Any, *, signal_handler: bool) -> None:
+    """Register a middleware for SIGHUP reloads (called by its constructor)."""
+    _middlewares.add(middleware)
+    if not signal_handler or under_gunicorn():
+        return
+    install_handler()
+    ensure_watcher()
+
+
+def install_handler() -> bool:
+    """Install the SIGHUP handler; never raises (a warning is logged off the main thread)."""
+    if not hasattr(signal, "SIGHUP"):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("runner_mw: not on the main thread, SIGHUP reload not installed; "
+                    "call middleware.reload() instead")
+        return False
+    try:
+        signal.signal(signal.SIGHUP, _on_sighup)
+    except (ValueError, OSError) as exc:
+        log.warning("runner_mw: SIGHUP reload not installed: %s", exc)
+        return False
+    return True
+
+
+def ensure_watcher() -> None:
+    """Start this process's watcher thread once (again after a fork: threads do not survive one)."""
+    global _watcher_pid
+    pid = os.getpid()
+    if _watcher_pid == pid:
+        return
+    with _start_lock:
+        if _watcher_pid == pid:
+            return
+        threading.Thread(target=_watch, name="runner_mw-reload", daemon=True).start()
+        _watcher_pid = pid
+
+
+def _watch() -> None:
+    global _pending
+    while True:
+        time.sleep(POLL_S)
+        if not _pending:
+            continue
+        _pending = False
+        reload_all()
+
+
+def reload_all() -> None:
+    """Reload every live middleware of this process (errors are logged, never raised)."""
+    for mw in list(_middlewares):
+        try:
+            mw.reload()
+        except Exception:
+            log.exception("runner_mw: reload failed")

@@ -1,0 +1,71 @@
+"""The middleware's own responses: JSON errors with a request id, and request ids.
+
+Use ``error(status, code, request_id)`` to answer any request the gateway refuses
+or fails; the body is always ``{"error": code, "requestId": id}`` (+ ``detail``),
+``Cache-Control: no-store``, and never exception or runner text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+REASONS = {
+    200: "OK", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+    415: "Unsupported Media Type", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def status_line(status: int) -> str:
+    from http import HTTPStatus
+
+    reason = REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+    return f"{status} {reason}"
+
+
+def request_id(environ: Mapping[str, Any]) -> str:
+    """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._-]), else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and REQUEST_ID.fullmatch(given):
+        return str(given)
+    return uuid.uuid4().hex
+
+
+def json_response(
+    start_response: StartResponse, status: int, body: Mapping[str, Any], rid: str,
+    extra: Iterable[tuple[str, str]] = (),
+) -> list[bytes]:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    start_response(status_line(status), [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+        ("X-Request-Id", rid),
+        *extra,
+    ])
+    return [data]
+
+
+def error(
+    start_response: StartResponse, status: int, code: str, rid: str, *,
+    detail: str | None = None, headers: Iterable[tuple[str, str]] = (),
+) -> list[bytes]:
+    """A JSON error response (see the error table in the design doc)."""
+    body: dict[str, Any] = {"error": code, "requestId": rid}
+    if detail:
+        body["detail"] = detail
+    return json_response(start_response, status, body, rid, headers)

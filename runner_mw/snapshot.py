@@ -1,0 +1,167 @@
+"""Immutable config snapshots and the store that swaps them atomically.
+
+Use ``SnapshotStore`` to hold "the config now": a request reads ``store.current``
+once and uses that ``Snapshot`` (config + backend) to the end, so a reload in
+the middle never mixes old and new settings, and the request path takes no lock
+to read it. A replaced snapshot closes its backend's pool once its in-flight
+requests have finished (or after a bounded grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runner_mw.backends.base import RunnerBackend
+from runner_mw.backends.registry import build_backend
+from runner_mw.config import SECRET_KEYS, Config
+from runner_mw.errors import ConfigError
+from runner_mw.loader import load_config
+
+log = logging.getLogger("runner_mw.reload")
+
+
+class Snapshot:
+    """One validated config and the backend built from it. Never mutated once built."""
+
+    def __init__(self, config: Config, backend: RunnerBackend, generation: int) -> None:
+        self.config = config
+        self.backend = backend
+        self.generation = generation
+        self.loaded_at = time.time()
+        self._inflight = 0
+        self._retired = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        """Count one request in (pair with ``leave``)."""
+        with self._lock:
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            last = self._retired and self._inflight == 0
+        if last:
+            self._close()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def retire(self, grace_s: float) -> None:
+        """Close once idle; a request still running after ``grace_s`` loses its connection."""
+        with self._lock:
+            self._retired = True
+            idle = self._inflight == 0
+        if idle:
+            self._close()
+            return
+        timer = threading.Timer(grace_s, self._close)
+        timer.daemon = True
+        timer.start()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.backend.close()
+        except Exception:  # closing must never take a worker down
+            log.exception("closing backend %s failed", self.config.backend)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What the last reload attempt did (shown in status and logs)."""
+
+    ok: bool
+    at: float
+    generation: int
+    changed: tuple[str, ...] = ()
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "at": self.at, "generation": self.generation,
+                "changed": list(self.changed), "error": self.error}
+
+
+class SnapshotStore:
+    """Holds the current snapshot; ``reload()`` re-reads the file, ``apply()`` takes a config.
+
+    A failed reload keeps the last good snapshot and records why in ``last_reload``.
+    """
+
+    def __init__(self, config: Config, *, path: str | None = None,
+                 build: Callable[[Any], RunnerBackend] = build_backend) -> None:
+        self.path = path
+        self._build = build
+        self._lock = threading.Lock()  # serialises reloads; never taken by requests
+        self.current = Snapshot(config, build(config.active), 1)
+        self.last_reload = ReloadOutcome(ok=True, at=self.current.loaded_at, generation=1)
+
+    def reload(self) -> ReloadOutcome:
+        """Re-read ``path``: swap on success, keep the old snapshot on any error."""
+        if self.path is None:
+            raise RuntimeError("this store was built from a mapping: use apply()")
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            return self.fail(str(exc))
+        return self.apply(config)
+
+    def apply(self, config: Config, generation: int | None = None) -> ReloadOutcome:
+        """Swap to ``config`` (a no-op when its source is unchanged)."""
+        with self._lock:
+            old = self.current
+            if config.sha256 == old.config.sha256 and (generation is None or generation == old.generation):
+                outcome = ReloadOutcome(ok=True, at=time.time(), generation=old.generation)
+                self.last_reload = outcome
+                log.info("reload result=unchanged generation=%d", old.generation)
+                return outcome
+            try:
+                backend = self._build(config.active)
+            except Exception as exc:
+                return self._fail_locked(f"cannot build backend {config.backend!r}: {exc}")
+            new_gen = generation if generation is not None else old.generation + 1
+            snapshot = Snapshot(config, backend, new_gen)
+            self.current = snapshot  # one attribute store: atomic for readers
+            changed = tuple(changed_keys(old.config.data, config.data))
+            outcome = ReloadOutcome(ok=True, at=snapshot.loaded_at, generation=new_gen, changed=changed)
+            self.last_reload = outcome
+        grace = (old.config.active.timeouts.connect_ms + old.config.active.timeouts.read_ms) / 1000 + 5
+        old.retire(grace)
+        log.info("reload result=ok generation=%d backend=%s changed=%s", new_gen, config.backend,
+                 ",".join(changed) or "-")
+        return outcome
+
+    def fail(self, error: str) -> ReloadOutcome:
+        """Record a failed attempt (the current snapshot stays)."""
+        with self._lock:
+            return self._fail_locked(error)
+
+    def _fail_locked(self, error: str) -> ReloadOutcome:
+        outcome = ReloadOutcome(ok=False, at=time.time(), generation=self.current.generation, error=error)
+        self.last_reload = outcome
+        log.error("reload result=failed generation=%d kept=%s error=%s", self.current.generation,
+                  self.current.config.backend, error.replace("\n", " | "))
+        return outcome
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs (names only: safe to log even for secrets)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(changed_keys(a, b, name + "."))
+        elif a != b:
+            out.append(name + (" (secret)" if key in SECRET_KEYS else ""))
+    return out
