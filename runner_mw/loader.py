@@ -152,6 +152,10 @@ def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
     if error.validator == "required" and isinstance(error.instance, dict):
         missing = [k for k in error.validator_value if k not in error.instance]
         return [(path, f"missing required key '{k}'") for k in missing]
+    if any(part in c.SECRET_KEYS for part in path):
+        # Never echo what may be a secret (into logs or a terminal): say what was expected.
+        expected = schema.get("x-error") or f"is invalid ({error.validator})"
+        return [(path, f"the value (not shown: a secret) {expected}")]
     if "x-error" in schema:
         return [(path, f"{_short(error.instance)} {schema['x-error']}")]
     if error.validator == "propertyNames":

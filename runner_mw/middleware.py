@@ -21,10 +21,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from runner_mw import access as acc
+from runner_mw import metrics
 from runner_mw.assets import handle_asset
 from runner_mw.config import Config
 from runner_mw.execute import ExecuteHook, handle_execute
 from runner_mw.loader import config_from_mapping
+from runner_mw.logs import setup_logging
 from runner_mw.paths import InvalidPath, canonical_tail, encode
 from runner_mw.responses import error, json_response, request_id
 from runner_mw.snapshot import ReloadOutcome, SnapshotStore
@@ -78,6 +80,7 @@ class RunnerMiddleware:
         else:
             path = os.fspath(config)
             cfg = _reload.initial_config(path)
+        setup_logging(cfg)
         self.store = SnapshotStore(cfg, path=path)
         self._health = HealthCache()
         _reload.attach(self, signal_handler=reload_signal and path is not None)
@@ -98,6 +101,9 @@ class RunnerMiddleware:
         snap.enter()
         route = "execute" if path == EXECUTE_PATH else "asset"
         finished = False
+        measure = snap.config.metrics_enabled and metrics.AVAILABLE
+        if measure:
+            metrics.inflight(1)
 
         def done(status: int) -> None:
             nonlocal finished
@@ -105,8 +111,12 @@ class RunnerMiddleware:
                 return
             finished = True
             snap.leave()
+            seconds = time.monotonic() - started
+            if measure:
+                metrics.inflight(-1)
+                metrics.observe(route, snap.config.backend, status, seconds)
             if snap.config.access_log:
-                _log_request(route, snap.config.backend, status, started, rid, environ)
+                _log_request(route, snap.config.backend, status, seconds, rid, environ)
 
         try:
             if route == "execute":
@@ -163,8 +173,6 @@ class RunnerMiddleware:
                 doc = status_document(snap, self.store.last_reload, self._health.get(snap))
                 done(200)
                 return json_response(start_response, 200, doc, rid)
-            from runner_mw import metrics
-
             status, body = metrics.render(start_response, snap, rid)
             done(status)
             return body
@@ -188,12 +196,11 @@ class RunnerMiddleware:
         self.store.current.backend.close()
 
 
-def _log_request(route: str, backend: str, status: int, started: float, rid: str,
+def _log_request(route: str, backend: str, status: int, seconds: float, rid: str,
                  environ: Mapping[str, Any]) -> None:
-    ms = (time.monotonic() - started) * 1000
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("request route=%s backend=%s method=%s status=%d upstream_ms=%.1f request_id=%s",
-                        route, backend, environ.get("REQUEST_METHOD"), status, ms, rid)
+                        route, backend, environ.get("REQUEST_METHOD"), status, seconds * 1000, rid)
 
 
 __all__ = ["RunnerMiddleware"]

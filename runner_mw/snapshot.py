@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runner_mw import metrics
 from runner_mw.backends.base import RunnerBackend
 from runner_mw.backends.registry import build_backend
 from runner_mw.config import SECRET_KEYS, Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
+from runner_mw.logs import setup_logging
 
 log = logging.getLogger("runner_mw.reload")
 
@@ -129,6 +131,7 @@ class SnapshotStore:
                 backend = self._build(config.active)
             except Exception as exc:
                 return self._fail_locked(f"cannot build backend {config.backend!r}: {exc}")
+            setup_logging(config)
             new_gen = generation if generation is not None else old.generation + 1
             snapshot = Snapshot(config, backend, new_gen)
             self.current = snapshot  # one attribute store: atomic for readers
@@ -137,6 +140,7 @@ class SnapshotStore:
             self.last_reload = outcome
         grace = (old.config.active.timeouts.connect_ms + old.config.active.timeouts.read_ms) / 1000 + 5
         old.retire(grace)
+        metrics.reloaded(True, new_gen)
         log.info("reload result=ok generation=%d backend=%s changed=%s", new_gen, config.backend,
                  ",".join(changed) or "-")
         return outcome
@@ -149,6 +153,7 @@ class SnapshotStore:
     def _fail_locked(self, error: str) -> ReloadOutcome:
         outcome = ReloadOutcome(ok=False, at=time.time(), generation=self.current.generation, error=error)
         self.last_reload = outcome
+        metrics.reloaded(False, self.current.generation)
         log.error("reload result=failed generation=%d kept=%s error=%s", self.current.generation,
                   self.current.config.backend, error.replace("\n", " | "))
         return outcome
