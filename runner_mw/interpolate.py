@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from runner_mw.yaml_source import Path as KeyPath
 from runner_mw.yaml_source import dotted
 
@@ -58,17 +56,37 @@ def interpolate_scalar(text: str, plain: bool, env: Mapping[str, str]) -> Any:
         return text
     result = interpolate(text, env)
     if plain and _WHOLE.fullmatch(text):
-        try:
-            value = yaml.safe_load(result) if result.strip() else None
-        except yaml.YAMLError:
-            return result
-        if value is None or isinstance(value, (str, int, float, bool)):
-            return value
+        return reread_scalar(result)
     return result
 
 
-def resolve_files(data: Any, base_dir: Path, path: KeyPath = ()) -> tuple[Any, list[tuple[KeyPath, str]]]:
-    """Replace every ``{file: PATH}`` mapping by the file's text (one trailing newline stripped).
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
+def reread_scalar(text: str) -> Any:
+    """Read an interpolated value as a YAML 1.2 core-schema scalar: decimal numbers,
+    true/false, null; anything else stays a string (no YAML 1.1 octal ``030000`` or
+    sexagesimal ``1:20`` surprises from an environment variable)."""
+    value = text.strip()
+    if value in ("", "~", "null", "Null", "NULL"):
+        return None
+    if value in ("true", "True", "TRUE"):
+        return True
+    if value in ("false", "False", "FALSE"):
+        return False
+    if _INT.fullmatch(value):
+        return int(value, 10)
+    if _FLOAT.fullmatch(value):
+        return float(value)
+    return text
+
+
+def resolve_files(data: Any, base_dir: Path, path: KeyPath = (),
+                  secret_keys: frozenset[str] = frozenset({"service_token", "tokens"}),
+                  ) -> tuple[Any, list[tuple[KeyPath, str]]]:
+    """Replace each ``{file: PATH}`` mapping under a secret key by the file's text (one
+    trailing newline stripped); elsewhere it is left for the schema to refuse.
 
     Relative paths resolve against ``base_dir`` (the config file's folder).
     Returns the new data and a list of (key path, message) problems.
@@ -77,7 +95,7 @@ def resolve_files(data: Any, base_dir: Path, path: KeyPath = ()) -> tuple[Any, l
 
     def walk(node: Any, here: KeyPath) -> Any:
         if isinstance(node, dict):
-            if set(node) == {"file"}:
+            if set(node) == {"file"} and any(part in secret_keys for part in here):
                 return read_secret(node["file"], here)
             return {k: walk(v, (*here, k)) for k, v in node.items()}
         if isinstance(node, list):

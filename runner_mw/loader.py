@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from runner_mw import config as c
@@ -32,6 +32,11 @@ from runner_mw.yaml_source import dotted, load_yaml
 #: A config file is a page of YAML; anything this big is a mistake (or an attack).
 MAX_CONFIG_BYTES = 1024 * 1024
 MIN_TOKEN_CHARS = 16
+
+# JSON Schema counts 1.0 as an integer; a config must not smuggle a float into an int field.
+_STRICT_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+Validator = validators.extend(Draft202012Validator, type_checker=_STRICT_TYPES)
 _VISIBLE = frozenset(chr(i) for i in range(0x21, 0x7F))
 
 
@@ -66,7 +71,9 @@ def config_from_text(
     environ = os.environ if env is None else env
 
     def on_scalar(path: KeyPath, value: str, plain: bool) -> Any:
-        return interpolate_scalar(value, plain, environ)
+        # A secret stays a string even when it looks like a number.
+        secret = any(part in c.SECRET_KEYS for part in path)
+        return interpolate_scalar(value, plain and not secret, environ)
 
     data, lines, issues = load_yaml(text, file, on_scalar)
     if issues:
@@ -83,17 +90,19 @@ def config_from_text(
 
 
 def config_from_mapping(
-    data: Mapping[str, Any], *, source: str = "<mapping>", base_dir: Path | None = None
+    data: Mapping[str, Any], *, source: str = "<mapping>", base_dir: Path | None = None,
+    sha256: str | None = None,
 ) -> c.Config:
     """Validate settings kept in code (no ``${...}`` interpolation; ``{file: ...}`` is read).
 
-    Also how a gunicorn worker rebuilds exactly the config its master validated.
+    Also how a gunicorn worker rebuilds exactly the config its master validated: it passes
+    the master's ``sha256`` of the source file, so every process reports the same checksum.
     """
     if not isinstance(data, Mapping):
         raise ConfigError([ConfigIssue(source, None, "", f"the top level must be a mapping, not "
                                        f"{_type_name(data)}")])
     plain = _plain(data)
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+    digest = sha256 or hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
     return _validate(plain, source, {}, base_dir or Path.cwd(), digest)
 
 
@@ -107,7 +116,9 @@ class _Issues:
         self.items: list[ConfigIssue] = []
 
     def add(self, path: KeyPath, message: str) -> None:
-        self.items.append(ConfigIssue(self.file, self.line(path), dotted(path), message))
+        issue = ConfigIssue(self.file, self.line(path), dotted(path), message)
+        if issue not in self.items:  # e.g. `type` and `const` both failing on one value
+            self.items.append(issue)
 
     def line(self, path: KeyPath) -> int | None:
         if not self.lines:
@@ -123,7 +134,7 @@ def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_d
     data, file_problems = resolve_files(data, base_dir)
     for path, message in file_problems:
         issues.add(path, message)
-    _schema_issues(Draft202012Validator(main_schema()), data, (), issues)
+    _schema_issues(Validator(main_schema()), data, (), issues)
     backends = data.get("backends")
     if isinstance(backends, dict):
         _backend_issues(backends, issues)
@@ -134,7 +145,7 @@ def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_d
     return _build(data, file, sha256, base_dir)
 
 
-def _schema_issues(validator: Draft202012Validator, data: Any, prefix: KeyPath, issues: _Issues) -> None:
+def _schema_issues(validator: Any, data: Any, prefix: KeyPath, issues: _Issues) -> None:
     for error in validator.iter_errors(data):
         for path, message in _explain(error):
             issues.add((*prefix, *path), message)
@@ -158,8 +169,9 @@ def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
         return [(path, f"the value (not shown: a secret) {expected}")]
     if "x-error" in schema:
         return [(path, f"{_short(error.instance)} {schema['x-error']}")]
-    if error.validator == "propertyNames":
-        return [(path, f"invalid name {error.instance!r}: use letters, digits, '_', '.', '-'")]
+    if "propertyNames" in error.schema_path:
+        return [((*path, str(error.instance)),
+                 f"invalid name {error.instance!r}: use 1-64 letters, digits, '_', '.', '-'")]
     return [(path, error.message)]
 
 
@@ -173,7 +185,7 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
             issues.add(("backends", name, "kind"), f"unknown backend kind {entry['kind']!r} "
                        f"(known kinds: {', '.join(sorted(kinds))})")
             continue
-        _schema_issues(Draft202012Validator(cls.settings_schema()), entry, ("backends", name), issues)
+        _schema_issues(Validator(cls.settings_schema()), entry, ("backends", name), issues)
 
 
 def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> None:

@@ -78,8 +78,15 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.ScalarNode):
+            self._issue(node.start_mark.line + 1, path, "unsupported YAML node")
+            return None
         assert isinstance(node, yaml.ScalarNode)
-        value = self._constructor.construct_object(node, deep=True)
+        try:
+            value = _construct(self._constructor, node)
+        except ValueError as exc:
+            self._issue(node.start_mark.line + 1, path, str(exc))
+            return None
         if isinstance(value, str) and self.on_scalar is not None:
             try:
                 return self.on_scalar(path, value, node.style is None)
@@ -92,7 +99,14 @@ class _Builder:
         if not isinstance(node, yaml.ScalarNode):
             self._issue(node.start_mark.line + 1, path, "keys must be plain strings")
             return None
-        key = self._constructor.construct_object(node)
+        if node.tag == "tag:yaml.org,2002:merge":
+            self._issue(node.start_mark.line + 1, path, "merge keys (<<) are not allowed in runner_mw config")
+            return None
+        try:
+            key = _construct(self._constructor, node)
+        except ValueError as exc:
+            self._issue(node.start_mark.line + 1, path, str(exc))
+            return None
         if not isinstance(key, str):
             # 'on: 1' or '1: x': YAML reads a bool or an int; the config only has string keys.
             self._issue(node.start_mark.line + 1, path, f"key {node.value!r} must be a string")
@@ -111,8 +125,9 @@ def load_yaml(
     A syntax error is returned as a single issue with line and column; ``data``
     is then ``None``.
     """
-    loader = _NoAliasLoader(text)
+    loader = None
     try:
+        loader = _NoAliasLoader(text)
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -120,12 +135,27 @@ def load_yaml(
         column = f"column {mark.column + 1}: " if mark else ""
         problem = exc.problem or exc.context or "invalid YAML"
         return None, {}, [ConfigIssue(file, line, "", f"YAML syntax error: {column}{problem}")]
-    except yaml.YAMLError as exc:  # e.g. a reader error on control characters
+    except yaml.reader.ReaderError as exc:  # a control character or bad encoding
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return None, {}, [ConfigIssue(file, line, "", f"YAML syntax error: column {column}: "
+                                      f"unacceptable character {exc.character!r}")]
+    except yaml.YAMLError as exc:
         return None, {}, [ConfigIssue(file, None, "", f"YAML error: {exc}")]
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if root is None:
         return None, {}, []
     builder = _Builder(file, on_scalar)
     data = builder.build(root, ())
     return data, builder.lines, builder.issues
+
+
+def _construct(constructor: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """Build one scalar; an unknown or failing tag (``!custom``, ``!!int abc``) is a ValueError."""
+    try:
+        return constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"cannot read value {node.value!r} ({node.tag}): {problem}") from None
