@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     check.set_defaults(func=cmd_check)
 
+    from runner_mw import cli_reload
+
+    cli_reload.register(sub)
+
     devrunner = sub.add_parser("devrunner", help="run the development stand-in runner")
     devrunner.add_argument("--host", default="127.0.0.1")
     devrunner.add_argument("--port", type=int, default=8085)
@@ -84,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_devrunner(args: argparse.Namespace) -> int:
-    from runner_mw.devrunner.server import serve
+    from runner_mw.devrunner.server import main as devrunner_main
 
-    serve(args.host, args.port, args.bundles)
-    return 0
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.bundles:
+        argv += ["--bundles", args.bundles]
+    return devrunner_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
