@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     EmptyPoolError,
@@ -31,6 +32,7 @@ from urllib3.exceptions import (
 )
 
 from runner_mw.backends.base import AssetResponse, ExecuteReply, RunnerBackend
+from runner_mw.backends.deadline import WATCHDOG
 from runner_mw.errors import (
     BadGateway,
     Overloaded,
@@ -43,6 +45,38 @@ CHUNK = 64 * 1024
 HEALTH_TIMEOUT = urllib3.Timeout(connect=1.0, read=2.0)
 # Raised before a single byte of the request left: safe to retry for any method.
 _NOT_SENT = (NewConnectionError, NameResolutionError, ConnectTimeoutError)
+
+
+# The deadline of the execute call running on this thread (None: no hard deadline).
+_call = threading.local()
+
+
+class _DeadlineMixin:
+    """Arms the watchdog once the request is sent, so waiting for (and reading) the
+    reply cannot outlive the call's total deadline, however slowly the runner drips."""
+
+    sock: Any
+
+    def getresponse(self) -> Any:
+        deadline = getattr(_call, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            _call.token = WATCHDOG.watch(deadline, self.sock)
+        return super().getresponse()  # type: ignore[misc]
+
+
+def _disarm() -> None:
+    token = getattr(_call, "token", None)
+    if token is not None:
+        WATCHDOG.cancel(token)
+    _call.deadline = _call.token = None
+
+
+class _HTTPConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineMixin, urllib3.connection.HTTPSConnection):
+    pass
 
 
 @contextmanager
@@ -99,7 +133,10 @@ class HTTPBackend(RunnerBackend):
                     kwargs["cert_reqs"] = "CERT_REQUIRED"
                     if self.settings.ca_bundle:
                         kwargs["ca_certs"] = self.settings.ca_bundle
-                self._pool = urllib3.connection_from_url(self.settings.url, **kwargs)
+                pool = urllib3.connection_from_url(self.settings.url, **kwargs)
+                pool.ConnectionCls = (_HTTPSConnection if isinstance(pool, urllib3.HTTPSConnectionPool)
+                                      else _HTTPConnection)
+                self._pool = pool
                 self._pool_pid = pid
             return self._pool
 
@@ -135,16 +172,25 @@ class HTTPBackend(RunnerBackend):
 
     def execute(self, body: bytes, headers: dict[str, str]) -> ExecuteReply:
         deadline = time.monotonic() + self._read_s
-        with mapped_errors():
-            resp = self._urlopen("POST", "/v1/execute", body, headers,
-                                 urllib3.Timeout(connect=self._connect_s, read=self._read_s))
-            try:
-                data = self._read_capped(resp, deadline)
-            except BaseException:
-                resp.close()
-                raise
-            finally:
-                resp.release_conn()
+        _call.deadline, _call.token = deadline, None
+        try:
+            with mapped_errors():
+                resp = self._urlopen("POST", "/v1/execute", body, headers,
+                                     urllib3.Timeout(connect=self._connect_s, read=self._read_s))
+                try:
+                    data = self._read_capped(resp, deadline)
+                except BaseException:
+                    resp.close()
+                    raise
+                finally:
+                    _disarm()  # before the connection goes back to the pool
+                    resp.release_conn()
+        except UpstreamError as exc:
+            if time.monotonic() >= deadline and not isinstance(exc, Overloaded):
+                raise RunnerTimeout() from None  # the watchdog cut a reply that was too slow
+            raise
+        finally:
+            _disarm()
         return ExecuteReply(resp.status, list(resp.headers.items()), data)
 
     def _read_capped(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
