@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,7 @@ class RunnerMiddleware:
         setup_logging(cfg)
         self.store = SnapshotStore(cfg, path=path)
         self._health = HealthCache()
+        self._ui_urls: dict[str, Callable[..., str]] = {}
         _reload.attach(self, signal_handler=reload_signal and path is not None)
 
     # ------------------------------------------------------------------ WSGI
@@ -91,8 +92,19 @@ class RunnerMiddleware:
         path = environ.get("PATH_INFO", "")
         if path == EXECUTE_PATH or (path[:7] == PREFIX and (len(path) == 7 or path[7] == "/")):
             return self._ours(environ, start_response, path)
-        environ["runner_mw.ui_url"] = partial(self.ui_url, script_name=environ.get("SCRIPT_NAME", ""))
+        script = environ.get("SCRIPT_NAME", "")
+        builder = self._ui_urls.get(script)
+        if builder is None:
+            builder = self._ui_url_for(script)
+        environ["runner_mw.ui_url"] = builder
         return self.app(environ, start_response)
+
+    def _ui_url_for(self, script_name: str) -> Callable[..., str]:
+        # One builder per mount point, made once: the pass-through path stays allocation-free.
+        builder = partial(self.ui_url, script_name=script_name)
+        if len(self._ui_urls) < 64:
+            self._ui_urls[script_name] = builder
+        return builder
 
     def _ours(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> Iterable[bytes]:
         started = time.monotonic()
