@@ -62,7 +62,7 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
 
 
 def bearer_token(environ: Mapping[str, Any]) -> str | None:
-    header = environ.get("HTTP_AUTHORIZATION", "")
+    header = str(environ.get("HTTP_AUTHORIZATION", ""))
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None

@@ -93,11 +93,11 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         if given is not None and given != ctx[key]:
             raise _Refused(400, "invalid_request", f"{name} does not match context.{key}")
         headers[name] = ctx[key]
-    key = headers.get("x-idempotency-key")
-    if key is not None:
+    idem = headers.get("x-idempotency-key")
+    if idem is not None:
         # The runner's replay cache is global, not per tenant: a key chosen by one tenant
         # must never replay another tenant's result, so the key is bound to who sent it.
-        scope = f"{ctx['tenant_id']}\0{ctx['extension_id']}\0{key}".encode()
+        scope = f"{ctx['tenant_id']}\0{ctx['extension_id']}\0{idem}".encode()
         headers["x-idempotency-key"] = hashlib.sha256(scope).hexdigest()
     headers["x-request-id"] = rid
     headers["content-type"] = "application/json"

@@ -141,7 +141,8 @@ class RunnerMiddleware:
                                               self.authorize, self.execute_hook)
                 done(status)
                 return body
-            return self._runner_route(environ, start_response, snap, rid, path, done)
+            result: Iterable[bytes] = self._runner_route(environ, start_response, snap, rid, path, done)
+            return result
         except Exception:
             # Nothing may take a worker down; the client gets no exception text.
             log.exception("internal error on %s (request %s)", route, rid)
