@@ -14,7 +14,7 @@ from setuptools import setup
 
 TEST_REQUIRES = [
     "pytest>=8",
-    "gunicorn>=23,<28",
+    "gunicorn>=23,!=24.0.0,<28",
     "flask>=2.3",
     "pyramid>=2.0",
     "pastedeploy>=3",
@@ -56,7 +56,7 @@ setup(
     extras_require={
         # The hooks in runner_mw.gunicorn replace the arbiter's HUP handling and
         # lean on gunicorn internals: this is the range they are tested with.
-        "gunicorn": ["gunicorn>=23,<28"],
+        "gunicorn": ["gunicorn>=23,!=24.0.0,<28"],
         "metrics": ["prometheus-client>=0.20"],
         "test": TEST_REQUIRES,
     },

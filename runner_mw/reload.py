@@ -21,6 +21,8 @@ import time
 import weakref
 from typing import Any
 
+from runner_mw.errors import ConfigError
+
 log = logging.getLogger("runner_mw.reload")
 POLL_S = 0.1
 
@@ -28,6 +30,16 @@ _middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
 _pending = False
 _watcher_pid = 0
 _start_lock = threading.Lock()
+_previous: Any = None  # the SIGHUP handler found when ours was installed
+
+
+class StartupConfigError(ConfigError, RuntimeError):
+    """A broken file when a gunicorn process builds the app without the master's state (first
+    start with ``preload_app``, or no hooks). Also a ``RuntimeError``, so that gunicorn prints
+    ``Error: <every FILE:LINE problem>`` and exits with status 1 instead of a traceback."""
+
+    def __str__(self) -> str:
+        return "runner_mw: invalid configuration, not starting:\n" + super().__str__()
 
 
 def initial_config(path: str) -> Any:
@@ -35,13 +47,30 @@ def initial_config(path: str) -> Any:
     with runner_mw's hooks) exactly what the master last validated."""
     from runner_mw.loader import load_config
 
-    return load_config(path)
+    hooks = sys.modules.get("runner_mw.gunicorn")
+    if hooks is not None:
+        config = hooks.published_config(path)
+        if config is not None:
+            return config
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        if under_gunicorn():
+            raise StartupConfigError(exc.issues) from None
+        raise
+
+
+def live_middlewares() -> list[Any]:
+    """Every live ``RunnerMiddleware`` of this process."""
+    return list(_middlewares)
 
 
 def _on_sighup(signum: int, frame: Any) -> None:
     # Runs between two bytecodes of whatever the main thread was doing: only set a flag.
     global _pending
     _pending = True
+    if callable(_previous):
+        _previous(signum, frame)  # a Python handler installed before ours keeps working
 
 
 def under_gunicorn() -> bool:
@@ -50,8 +79,15 @@ def under_gunicorn() -> bool:
 
 
 def attach(middleware: Any, *, signal_handler: bool) -> None:
-    """Register a middleware for SIGHUP reloads (called by its constructor)."""
+    """Register a middleware for SIGHUP reloads (called by its constructor).
+
+    Under gunicorn nothing is installed: with runner_mw's hooks the middleware is handed to
+    the worker's poll thread (see ``runner_mw.gunicorn``); without them HUP is gunicorn's.
+    """
     _middlewares.add(middleware)
+    hooks = sys.modules.get("runner_mw.gunicorn")
+    if hooks is not None:
+        hooks.register(middleware)  # a no-op outside a managed gunicorn worker
     if not signal_handler or under_gunicorn():
         return
     install_handler()
@@ -66,11 +102,14 @@ def install_handler() -> bool:
         log.warning("runner_mw: not on the main thread, SIGHUP reload not installed; "
                     "call middleware.reload() instead")
         return False
+    global _previous
     try:
-        signal.signal(signal.SIGHUP, _on_sighup)
+        previous = signal.signal(signal.SIGHUP, _on_sighup)
     except (ValueError, OSError) as exc:
         log.warning("runner_mw: SIGHUP reload not installed: %s", exc)
         return False
+    if previous is not _on_sighup:
+        _previous = previous
     return True
 
 
@@ -100,6 +139,8 @@ def _watch() -> None:
 def reload_all() -> None:
     """Reload every live middleware of this process (errors are logged, never raised)."""
     for mw in list(_middlewares):
+        if getattr(getattr(mw, "store", None), "path", None) is None:
+            continue  # built from a mapping or a Config: nothing to re-read
         try:
             mw.reload()
         except Exception:

@@ -28,7 +28,8 @@ log = logging.getLogger("runner_mw.reload")
 
 
 class Snapshot:
-    """One validated config and the backend built from it. Never mutated once built."""
+    """One validated config and the backend built from it. Never mutated once built, but for
+    ``generation`` (a label: see ``SnapshotStore.apply``)."""
 
     def __init__(self, config: Config, backend: RunnerBackend, generation: int) -> None:
         self.config = config
@@ -119,10 +120,17 @@ class SnapshotStore:
         return self.apply(config)
 
     def apply(self, config: Config, generation: int | None = None) -> ReloadOutcome:
-        """Swap to ``config`` (a no-op when its source is unchanged)."""
+        """Swap to ``config`` (a no-op when its source is unchanged).
+
+        ``generation`` is the number a gunicorn master gave this config. The same source
+        under a newer number (a worker booting from the master's state, or A -> B -> A seen
+        only as A) keeps the snapshot and its backend and only takes the new number.
+        """
         with self._lock:
             old = self.current
-            if config.sha256 == old.config.sha256 and (generation is None or generation == old.generation):
+            if config.sha256 == old.config.sha256:
+                if generation is not None and generation != old.generation:
+                    old.generation = generation  # the one field a snapshot may change: its label
                 outcome = ReloadOutcome(ok=True, at=time.time(), generation=old.generation)
                 self.last_reload = outcome
                 log.info("reload result=unchanged generation=%d", old.generation)
@@ -149,6 +157,17 @@ class SnapshotStore:
         """Record a failed attempt (the current snapshot stays)."""
         with self._lock:
             return self._fail_locked(error)
+
+    def mark_failed(self, error: str, *, at: float | None = None) -> ReloadOutcome:
+        """Record a failed attempt decided and logged elsewhere (a gunicorn master): the
+        snapshot stays, ``last_reload`` shows the error; logged here at debug level only."""
+        with self._lock:
+            outcome = ReloadOutcome(ok=False, at=time.time() if at is None else at,
+                                    generation=self.current.generation, error=error)
+            self.last_reload = outcome
+        metrics.reloaded(False, outcome.generation)
+        log.debug("reload result=failed (decided by the master) generation=%d", outcome.generation)
+        return outcome
 
     def _fail_locked(self, error: str) -> ReloadOutcome:
         outcome = ReloadOutcome(ok=False, at=time.time(), generation=self.current.generation, error=error)

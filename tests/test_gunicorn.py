@@ -1,0 +1,483 @@
+"""gunicorn with runner_mw's hooks, as real processes: HUP swaps the config in place in every worker.
+
+Each test starts ``python -m gunicorn -c config/gunicorn.conf.py`` on a free loopback port in its
+own process group (always stopped at the end) and talks to it over HTTP only. Set
+``RUNNER_MW_TEST_GUNICORN_PATH`` to a folder holding another gunicorn package to run the same
+tests against that version (the supported range is pinned in setup.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from standin import StandinRunner
+
+from runner_mw.devrunner import SAMPLE_CONTENT_HASH, SAMPLE_EXTENSION_ID
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system")
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "config" / "gunicorn.conf.py"
+HOST = "127.0.0.1"
+T = 60.0  # seconds: every wait is a poll with a generous deadline (a busy 2-core machine)
+ASSET = f"/runner/ext-ui/{SAMPLE_EXTENSION_ID}/{SAMPLE_CONTENT_HASH}/index.html?tenant=t1"
+ENVELOPE = {
+    "context": {"tenant_id": "t1", "extension_id": SAMPLE_EXTENSION_ID, "content_hash": SAMPLE_CONTENT_HASH},
+    "http": {"method": "GET", "path": "/hello"},
+}
+CLOSE = {"Connection": "close"}  # a new connection per request: the kernel spreads them over workers
+
+# The app gunicorn loads: a plain WSGI app wrapped in the middleware, reading $RUNNER_MW_CONFIG.
+# It also tells where it was imported and which threads existed then (preload_app checks).
+APP_MODULE = """\
+import json, os, threading
+from runner_mw import RunnerMiddleware
+
+IMPORTED_IN = os.getpid()
+
+def hello(environ, start_response):
+    body = json.dumps({"pid": os.getpid(), "imported_in": IMPORTED_IN,
+                       "threads_at_import": THREADS}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+application = RunnerMiddleware(hello, os.environ["RUNNER_MW_CONFIG"])
+THREADS = sorted(t.name for t in threading.enumerate())
+"""
+
+BROKEN = "version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: htp://x\n"
+BROKEN_LINE = ":6: backends.a.url"
+
+
+def config_text(runner: StandinRunner, *, read_ms: int = 30000) -> str:
+    """A config whose active backend is named after the stand-in (so status shows which)."""
+    return (f"version: 1\nbackend: {runner.name}\nbackends:\n  {runner.name}:\n"
+            f"    kind: docker\n    url: {runner.url}\ntimeouts:\n  connect_ms: 2000\n  read_ms: {read_ms}\n")
+
+
+def write_atomically(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = T, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Gunicorn:
+    """One gunicorn master (and its workers) in a process group of its own."""
+
+    def __init__(self, tmp_path: Path, config_file: Path, *, worker_class: str = "gthread",
+                 preload: bool = False, max_requests: int = 0) -> None:
+        self.dir = tmp_path
+        self.config_file = config_file
+        self.port = free_port()
+        self.base = f"http://{HOST}:{self.port}"
+        self.log = tmp_path / "gunicorn.log"
+        self.pidfile = tmp_path / "gunicorn.pid"
+        self.tmpdir = tmp_path / "tmp"  # TMPDIR of gunicorn: where the hooks' state folder goes
+        self.tmpdir.mkdir(exist_ok=True)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "app_mod.py").write_text(APP_MODULE, encoding="utf-8")
+        self.args = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "--bind", f"{HOST}:{self.port}",
+                     # threads > 1 would turn "sync" into gthread
+                     "--workers", "2", "--worker-class", worker_class,
+                     "--threads", "4" if worker_class == "gthread" else "1",
+                     "--pid", str(self.pidfile), "--log-level", "info"]
+        if preload:
+            self.args.append("--preload")
+        if max_requests:
+            self.args += ["--max-requests", str(max_requests), "--max-requests-jitter", "0"]
+        self.args.append("app_mod:application")
+        paths = [os.environ.get("RUNNER_MW_TEST_GUNICORN_PATH", ""), str(REPO), str(tmp_path)]
+        self.env = {**os.environ, "RUNNER_MW_CONFIG": str(config_file), "TMPDIR": str(self.tmpdir),
+                    "XDG_RUNTIME_DIR": str(tmp_path / "run"),  # gunicorn >= 25's control socket
+                    "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.args, cwd=self.dir, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self.proc
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(T)
+        with contextlib.suppress(ProcessLookupError):  # anything left of the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(T)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def hup(self) -> None:
+        os.kill(self.pid, signal.SIGHUP)
+
+    # -- looking at it -------------------------------------------------------------------------
+
+    def workers(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)], capture_output=True,
+                             text=True, check=False).stdout
+        return {int(p) for p in out.split()}
+
+    def status(self) -> dict[str, Any] | None:
+        """One worker's status (whichever accepts the connection), None if none answered."""
+        try:
+            resp = requests.get(self.base + "/runner/-/status", headers=CLOSE, timeout=10)
+        except requests.RequestException:
+            return None
+        with resp:
+            if resp.status_code != 200:
+                return None
+            doc: dict[str, Any] = resp.json()
+            return doc
+
+    def all_workers(self, predicate: Callable[[dict[str, Any]], bool], what: str,
+                    timeout: float = T) -> dict[int, dict[str, Any]]:
+        """Poll status until every current worker answered with ``predicate`` true."""
+        deadline = time.monotonic() + timeout
+        good: dict[int, dict[str, Any]] = {}
+        while True:
+            assert self.alive(), f"gunicorn exited while waiting for {what}:\n{self.text()[-3000:]}"
+            doc = self.status()
+            if doc is not None:
+                if predicate(doc):
+                    good[doc["pid"]] = doc
+                else:
+                    good.pop(doc["pid"], None)
+            kids = self.workers()
+            if len(kids) == 2 and kids <= set(good):
+                return {pid: good[pid] for pid in kids}
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}: workers {kids}, good {sorted(good)}, last {doc}\n"
+                f"{self.text()[-3000:]}")
+            time.sleep(0.01)
+
+    def ready(self) -> dict[int, dict[str, Any]]:
+        return self.all_workers(lambda doc: True, "both workers to answer")
+
+
+@contextlib.contextmanager
+def gunicorn(tmp_path: Path, config_file: Path, **options: Any) -> Iterator[Gunicorn]:
+    server = Gunicorn(tmp_path, config_file, **options)
+    server.start()
+    try:
+        server.ready()
+        yield server
+    finally:
+        server.stop()
+    assert list(server.tmpdir.iterdir()) == [], "on_exit leaves no state folder behind"
+
+
+class Traffic:
+    """Client threads sending asset GETs and execute POSTs until stopped; counts what they saw.
+
+    One thread keeps its connection alive (gthread pins it to one worker), one opens a new
+    connection per request (spread over the workers).
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.ok = 0
+        self.failures: list[str] = []
+        self.runners: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(keep_alive,), daemon=True)
+                         for keep_alive in (True, False)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(T)
+
+    def wait_for(self, count: int) -> None:
+        start = self.ok
+        wait_until(lambda: self.ok >= start + count or self.failures, what="client traffic")
+
+    def _run(self, keep_alive: bool) -> None:
+        headers = {} if keep_alive else CLOSE
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    self._one(session, headers)
+                except Exception as exc:  # a failed request is what the tests count
+                    with self._lock:
+                        self.failures.append(repr(exc))
+
+    def _one(self, session: requests.Session, headers: dict[str, str]) -> None:
+        with session.get(self.base + ASSET, headers=headers, timeout=30) as resp:
+            if resp.status_code != 200 or b"<html" not in resp.content.lower():
+                raise AssertionError(f"asset {resp.status_code} {resp.content[:200]!r}")
+            asset_runner = resp.headers["x-standin"]
+        with session.post(self.base + "/v1/execute", json=ENVELOPE, headers=headers, timeout=30) as resp:
+            if resp.status_code != 200:
+                raise AssertionError(f"execute {resp.status_code} {resp.content[:200]!r}")
+            echo = json.loads(base64.b64decode(resp.json()["body_b64"]))
+        with self._lock:
+            self.runners |= {asset_runner, echo["runner"]}
+            self.ok += 2
+
+
+@pytest.fixture
+def runners() -> Iterator[tuple[StandinRunner, StandinRunner]]:
+    with StandinRunner(name="a") as a, StandinRunner(name="b") as b:
+        yield a, b
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, runners: tuple[StandinRunner, StandinRunner]) -> Path:
+    file = tmp_path / "runner.yaml"
+    file.write_text(config_text(runners[0]), encoding="utf-8")
+    return file
+
+
+def log_lines(server: Gunicorn, pattern: str) -> list[str]:
+    return [line for line in server.text().splitlines() if re.search(pattern, line)]
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_20_hups_switch_backends_in_place_without_failing_a_request(
+        worker_class: str, tmp_path: Path, config_file: Path,
+        runners: tuple[StandinRunner, StandinRunner]) -> None:
+    with gunicorn(tmp_path, config_file, worker_class=worker_class) as server:
+        first = server.ready()
+        pids = set(first)
+        assert {d["generation"] for d in first.values()} == {1}
+        assert f"Using worker: {worker_class}" in server.text()
+        switch_s: list[float] = []
+        with Traffic(server.base) as traffic:
+            traffic.wait_for(4)
+            for i in range(20):
+                runner = runners[(i + 1) % 2]
+                config_file.write_text(config_text(runner), encoding="utf-8")
+                started = time.monotonic()
+                server.hup()
+                docs = server.all_workers(
+                    lambda d, g=i + 2, r=runner.name: d["generation"] == g and d["backend"] == r,
+                    f"generation {i + 2} ({runner.name}) on every worker")
+                switch_s.append(time.monotonic() - started)
+                assert all(d["last_reload"]["ok"] and d["url"] == runner.url for d in docs.values())
+                assert len({d["config_sha256"] for d in docs.values()}) == 1
+                traffic.wait_for(4)
+        assert traffic.failures == []
+        assert traffic.runners == {"a", "b"}
+        assert server.workers() == pids, "the same worker processes served every generation"
+        # The master logs each attempt right after publishing it: allow it a moment.
+        ok_line = r"runner_mw reload result=ok generation=\d+ backend="
+        wait_until(lambda: len(log_lines(server, ok_line)) == 21, what="21 result=ok lines (start + 20 HUPs)")
+        assert len(log_lines(server, r"Booting worker")) == 2
+    ms = sorted(round(s * 1000) for s in switch_s)
+    print(f"\n{worker_class}: 20 switches, HUP -> every worker on the new generation (ms, incl. polling): "
+          f"min {ms[0]} median {statistics.median(ms):.0f} max {ms[-1]}; {traffic.ok} requests, 0 failed")
+
+
+def test_a_broken_missing_or_renamed_file_under_gunicorn(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    with gunicorn(tmp_path, config_file) as server:
+        pids = set(server.ready())
+        # The published state holds interpolated secrets: private folder, private file.
+        [state_dir] = server.tmpdir.iterdir()
+        assert state_dir.name.startswith("runner-mw-") and state_dir.stat().st_mode & 0o777 == 0o700
+        assert (state_dir / "state.json").stat().st_mode & 0o777 == 0o600
+        # Invalid: nothing changes, every worker reports the failed attempt with FILE:LINE.
+        config_file.write_text(BROKEN, encoding="utf-8")
+        server.hup()
+        docs = server.all_workers(lambda d: d["last_reload"]["ok"] is False, "the failure in every status")
+        for doc in docs.values():
+            assert doc["backend"] == "a" and doc["generation"] == 1
+            assert f"{config_file}{BROKEN_LINE}" in doc["last_reload"]["error"]
+        failed = wait_until(lambda: log_lines(server, "runner_mw reload result=failed"), what="the log line")
+        assert len(failed) == 1 and f"{config_file}{BROKEN_LINE}" in failed[0] and "kept=a" in failed[0]
+        with requests.get(server.base + ASSET, headers=CLOSE, timeout=10) as resp:
+            assert resp.status_code == 200 and resp.headers["x-standin"] == "a"
+        # Deleted: the same.
+        config_file.unlink()
+        server.hup()
+        docs = server.all_workers(lambda d: "cannot read file" in (d["last_reload"]["error"] or ""),
+                                  "the missing file in every status")
+        for doc in docs.values():
+            assert doc["backend"] == "a" and str(config_file) in doc["last_reload"]["error"]
+        # A file put in place by an atomic rename (how editors and ConfigMaps do it) is picked up.
+        write_atomically(config_file, config_text(runners[1]))
+        server.hup()
+        docs = server.all_workers(lambda d: d["backend"] == "b" and d["last_reload"]["ok"] is True,
+                                  "the renamed file in every worker")
+        assert {d["generation"] for d in docs.values()} == {2}
+        # The same file again is a no-op; a HUP sent to a worker itself changes nothing either.
+        server.hup()
+        wait_until(lambda: log_lines(server, "result=unchanged generation=2"), what="the no-op reload")
+        victim = min(pids)
+        os.kill(victim, signal.SIGHUP)
+        docs = server.all_workers(lambda d: d["generation"] == 2, "both workers still there")
+        assert server.workers() == pids and victim in docs
+        assert server.alive()
+
+
+def test_a_burst_of_100_hups_ends_on_the_last_file(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    with gunicorn(tmp_path, config_file) as server:
+        pids = set(server.ready())
+        for i in range(100):
+            text = config_text(runners[i % 2], read_ms=10000 + i)
+            write_atomically(config_file, text)
+            server.hup()
+        final = hashlib.sha256(text.encode()).hexdigest()
+        docs = server.all_workers(lambda d: d["config_sha256"] == final and d["last_reload"]["ok"],
+                                  "the last file on every worker")
+        assert {d["backend"] for d in docs.values()} == {"b"}
+        assert server.workers() == pids and server.alive()
+        wait_until(lambda: len(log_lines(server, "runner_mw reload result=")) >= 2, what="the log lines")
+        handled = len(log_lines(server, "runner_mw reload result="))
+        assert handled <= 101
+        print(f"\nburst: 100 HUPs sent, the master handled {handled - 1} (pending signals coalesce)")
+
+
+def test_preload_app_builds_in_the_master_and_workers_still_follow(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    with gunicorn(tmp_path, config_file, preload=True) as server:
+        pids = set(server.ready())
+        with requests.get(server.base + "/", headers=CLOSE, timeout=10) as resp:
+            app = resp.json()
+        assert app["imported_in"] == server.pid, "preload_app: the app was built in the master"
+        assert app["threads_at_import"] == ["MainThread"], "no thread may start before the fork"
+        config_file.write_text(config_text(runners[1]), encoding="utf-8")
+        server.hup()
+        server.all_workers(lambda d: d["backend"] == "b" and d["generation"] == 2, "generation 2")
+        config_file.write_text(BROKEN, encoding="utf-8")
+        server.hup()
+        docs = server.all_workers(lambda d: d["last_reload"]["ok"] is False, "the failure")
+        assert all(d["backend"] == "b" and BROKEN_LINE in d["last_reload"]["error"] for d in docs.values())
+        # The last good file again: same generation, and the error is cleared everywhere.
+        config_file.write_text(config_text(runners[1]), encoding="utf-8")
+        server.hup()
+        server.all_workers(lambda d: d["generation"] == 2 and d["last_reload"]["ok"] is True, "no error")
+        assert server.workers() == pids
+
+
+def test_no_preload_builds_the_app_in_each_worker(tmp_path: Path, config_file: Path) -> None:
+    with gunicorn(tmp_path, config_file) as server:
+        docs = server.ready()
+        seen: set[int] = set()
+
+        def imported_in_both() -> bool:
+            with requests.get(server.base + "/", headers=CLOSE, timeout=10) as resp:
+                app = resp.json()
+            assert app["imported_in"] == app["pid"] != server.pid
+            seen.add(app["pid"])
+            return seen == set(docs)
+
+        wait_until(imported_in_both, what="an answer from both workers")
+
+
+def test_workers_recycled_while_the_file_is_broken_boot_from_the_last_good_config(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    with gunicorn(tmp_path, config_file, max_requests=25) as server:
+        server.ready()
+        config_file.write_text(config_text(runners[1]), encoding="utf-8")
+        server.hup()
+        server.all_workers(lambda d: d["backend"] == "b" and d["generation"] == 2, "generation 2")
+        config_file.write_text(BROKEN, encoding="utf-8")
+        server.hup()
+        # Status requests count too, so workers may already have been replaced: the ones that
+        # report the failure were all there once it was published.
+        first = set(server.all_workers(lambda d: d["last_reload"]["ok"] is False, "the failure"))
+        served: list[str] = []
+
+        def recycled() -> bool:
+            assert server.alive(), server.text()[-3000:]
+            try:
+                with requests.get(server.base + ASSET, headers=CLOSE, timeout=10) as resp:
+                    served.append(resp.headers.get("x-standin", str(resp.status_code)))
+            except requests.RequestException as exc:
+                served.append(type(exc).__name__)
+            return not (server.workers() & first)
+
+        wait_until(recycled, what="max_requests to replace both workers")
+        docs = server.all_workers(lambda d: d["pid"] not in first, "answers from the new workers")
+        for doc in docs.values():
+            assert doc["backend"] == "b" and doc["generation"] == 2
+            assert doc["last_reload"]["ok"] is False and BROKEN_LINE in doc["last_reload"]["error"]
+        assert "Worker failed to boot" not in server.text()
+        assert "b" in served and "a" not in served
+        # Fixed: the new workers follow the next HUP too.
+        config_file.write_text(config_text(runners[0]), encoding="utf-8")
+        server.hup()
+        server.all_workers(lambda d: d["backend"] == "a" and d["generation"] == 3 and d["last_reload"]["ok"],
+                           "generation 3")
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_a_broken_file_at_the_first_start_fails_fast_and_clearly(
+        preload: bool, tmp_path: Path) -> None:
+    file = tmp_path / "runner.yaml"
+    file.write_text(BROKEN, encoding="utf-8")
+    server = Gunicorn(tmp_path, file, preload=preload)
+    proc = server.start()
+    try:
+        code = proc.wait(T)
+    finally:
+        server.stop()
+    text = server.text()
+    assert code != 0
+    assert "Error: runner_mw:" in text and "invalid configuration, not starting" in text
+    assert f"{file}{BROKEN_LINE}" in text
+    assert "Traceback" not in text
+    assert "Booting worker" not in text
+    assert not server.pidfile.exists()
+    assert list(server.tmpdir.iterdir()) == []

@@ -1,0 +1,228 @@
+"""SnapshotStore: atomic swap, unchanged no-op, failed reload keeps the old one, draining."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner_mw.config import Config
+from runner_mw.loader import config_from_mapping
+from runner_mw.snapshot import Snapshot, SnapshotStore, changed_keys
+
+T = 10.0  # seconds: generous deadlines for a busy machine
+
+
+class FakeBackend:
+    """Records what the store does with it; never opens a socket."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed += 1
+
+
+class Builds:
+    """A ``build`` callable for SnapshotStore that remembers every backend it made."""
+
+    def __init__(self) -> None:
+        self.made: list[FakeBackend] = []
+        self.fail_with: Exception | None = None
+
+    def __call__(self, settings: Any) -> FakeBackend:
+        if self.fail_with is not None:
+            raise self.fail_with
+        backend = FakeBackend(settings)
+        self.made.append(backend)
+        return backend
+
+
+def config(url: str = "http://127.0.0.1:8085", *, name: str = "a", read_ms: int = 30000) -> Config:
+    return config_from_mapping({
+        "version": 1,
+        "backend": name,
+        "backends": {name: {"kind": "docker", "url": url}},
+        "timeouts": {"connect_ms": 100, "read_ms": read_ms},
+    })
+
+
+def yaml_text(url: str) -> str:
+    return f"version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: {url}\n"
+
+
+def wait_until(predicate: Any, timeout: float = T) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def builds() -> Builds:
+    return Builds()
+
+
+def test_apply_swaps_to_a_new_snapshot_and_keeps_the_old_one_whole(builds: Builds) -> None:
+    store = SnapshotStore(config("http://127.0.0.1:1001"), build=builds)
+    old = store.current
+    outcome = store.apply(config("http://127.0.0.1:1002"))
+    assert outcome.ok and outcome.generation == 2
+    assert outcome.changed == ("backends.a.url",)
+    assert store.current is not old and store.current.generation == 2
+    assert store.current.config.active.url == "http://127.0.0.1:1002"
+    # A request holding the old snapshot still sees the old config and its own backend.
+    assert old.config.active.url == "http://127.0.0.1:1001"
+    assert old.backend.settings.url == "http://127.0.0.1:1001"
+    assert store.last_reload == outcome
+
+
+def test_readers_never_see_a_mixed_snapshot(builds: Builds) -> None:
+    store = SnapshotStore(config("http://127.0.0.1:2000"), build=builds)
+    configs = [config(f"http://127.0.0.1:{2001 + i}") for i in range(200)]
+    stop = threading.Event()
+    mixed: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            snap = store.current  # read once, as a request does
+            if snap.backend.settings is not snap.config.active:
+                mixed.append(f"{snap.generation}")
+            reads[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for cfg in configs:
+            store.apply(cfg)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert mixed == []
+    assert reads[0] > 0
+    assert store.current.generation == 201
+
+
+def test_an_unchanged_config_is_a_no_op(builds: Builds) -> None:
+    store = SnapshotStore(config(), build=builds)
+    snap = store.current
+    outcome = store.apply(config())  # same content: same sha256
+    assert outcome.ok and outcome.generation == 1 and outcome.changed == ()
+    assert store.current is snap
+    assert len(builds.made) == 1 and builds.made[0].closed == 0
+
+
+def test_the_same_config_under_a_newer_generation_keeps_the_backend(builds: Builds) -> None:
+    store = SnapshotStore(config(), build=builds)
+    snap = store.current
+    outcome = store.apply(config(), generation=7)  # a gunicorn worker booting at generation 7
+    assert outcome.ok and outcome.generation == 7
+    assert store.current is snap and snap.generation == 7
+    assert len(builds.made) == 1 and builds.made[0].closed == 0
+    outcome = store.apply(config("http://127.0.0.1:9"), generation=8)
+    assert outcome.generation == 8 and store.current.generation == 8
+
+
+def test_an_unchanged_file_is_a_no_op(builds: Builds, tmp_path: Path) -> None:
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:8085"), encoding="utf-8")
+    from runner_mw.loader import load_config
+
+    store = SnapshotStore(load_config(file), path=str(file), build=builds)
+    snap = store.current
+    file.write_text(yaml_text("http://127.0.0.1:8085"), encoding="utf-8")  # rewritten, same bytes
+    outcome = store.reload()
+    assert outcome.ok and store.current is snap and len(builds.made) == 1
+
+
+def test_a_failed_reload_keeps_the_old_snapshot(builds: Builds, tmp_path: Path) -> None:
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:8085"), encoding="utf-8")
+    from runner_mw.loader import load_config
+
+    store = SnapshotStore(load_config(file), path=str(file), build=builds)
+    snap = store.current
+    file.write_text(yaml_text("htp://nope"), encoding="utf-8")
+    outcome = store.reload()
+    assert not outcome.ok
+    assert outcome.error is not None and f"{file}:6: backends.a.url" in outcome.error
+    assert store.current is snap and snap.generation == 1
+    assert store.last_reload == outcome and outcome.generation == 1
+    assert builds.made[0].closed == 0
+    file.unlink()
+    outcome = store.reload()
+    assert not outcome.ok and str(file) in (outcome.error or "")
+    assert store.current is snap
+    file.write_text(yaml_text("http://127.0.0.1:8086"), encoding="utf-8")
+    outcome = store.reload()
+    assert outcome.ok and outcome.generation == 2 and store.current.config.active.url.endswith(":8086")
+
+
+def test_a_backend_that_cannot_be_built_keeps_the_old_snapshot(builds: Builds) -> None:
+    store = SnapshotStore(config(), build=builds)
+    snap = store.current
+    builds.fail_with = RuntimeError("no such driver")
+    outcome = store.apply(config("http://127.0.0.1:9"))
+    assert not outcome.ok and "no such driver" in (outcome.error or "")
+    assert store.current is snap
+
+
+def test_mark_failed_reports_the_error_and_keeps_everything(builds: Builds) -> None:
+    store = SnapshotStore(config(), build=builds)
+    snap = store.current
+    outcome = store.mark_failed("runner.yaml:3: backend: nope", at=123.0)
+    assert outcome.ok is False and outcome.at == 123.0 and outcome.generation == 1
+    assert store.last_reload == outcome and store.current is snap
+    assert store.apply(config()).ok  # the same good file again clears it
+    assert store.last_reload.ok
+
+
+def test_the_old_backend_closes_only_after_the_last_request_leaves(builds: Builds) -> None:
+    store = SnapshotStore(config("http://127.0.0.1:1"), build=builds)
+    old = store.current
+    old.enter()
+    old.enter()
+    store.apply(config("http://127.0.0.1:2"))
+    assert builds.made[0].closed == 0 and old.inflight == 2
+    old.leave()
+    assert builds.made[0].closed == 0
+    old.leave()
+    assert builds.made[0].closed == 1
+    assert builds.made[1].closed == 0  # the new one is untouched
+
+
+def test_an_idle_old_backend_closes_at_once(builds: Builds) -> None:
+    store = SnapshotStore(config("http://127.0.0.1:1"), build=builds)
+    store.apply(config("http://127.0.0.1:2"))
+    assert builds.made[0].closed == 1
+
+
+def test_retire_closes_after_the_grace_period_even_with_a_request_stuck(builds: Builds) -> None:
+    snap = Snapshot(config(), FakeBackend(None), 1)
+    backend = snap.backend
+    assert isinstance(backend, FakeBackend)
+    snap.enter()
+    started = time.monotonic()
+    snap.retire(0.2)
+    assert backend.closed == 0
+    wait_until(lambda: backend.closed == 1)
+    assert time.monotonic() - started >= 0.19
+    snap.leave()  # the stuck request finally leaves: no second close
+    assert backend.closed == 1
+
+
+def test_changed_keys_names_secrets_without_their_values() -> None:
+    old = {"backend": "a", "upstream": {"service_token": "old-secret-value"}, "access": {"tokens": ["x"]}}
+    new = {"backend": "b", "upstream": {"service_token": "new-secret-value"}, "access": {"tokens": ["x"]}}
+    keys = changed_keys(old, new)
+    assert keys == ["backend", "upstream.service_token (secret)"]
+    assert not any("secret-value" in k for k in keys)
