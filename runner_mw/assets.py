@@ -77,7 +77,7 @@ def handle_asset(
         # The runner marks every reply immutable; an error page must not be cached.
         out = [(n, v) for n, v in out if n.lower() != "cache-control"]
         out.append(("Cache-Control", "no-store"))
-    out = [_relocate(n, v, environ, snap.config.asset_prefixes) for n, v in out]
+    out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
     out.append(("X-Request-Id", rid))
     try:
         start_response(status_line(upstream.status), out)
@@ -89,9 +89,15 @@ def handle_asset(
     return StreamedBody(upstream, lambda complete: done(status if complete else 502))
 
 
-def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...]) -> tuple[str, str]:
-    """A redirect to ``/ext-ui/...`` on the runner becomes ``/runner/ext-ui/...`` here."""
-    if name.lower() != "location" or not value.startswith("/") or value.startswith("//"):
+def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...],
+              upstream: str) -> tuple[str, str]:
+    """A redirect to ``/ext-ui/...`` on the runner becomes ``/runner/ext-ui/...`` here (also
+    when the runner names its own internal URL, which must not reach browsers)."""
+    if name.lower() != "location":
+        return name, value
+    if value.startswith(upstream + "/"):
+        value = value[len(upstream):]
+    if not value.startswith("/") or value.startswith("//"):
         return name, value
     if any(value[1:].startswith(p) for p in prefixes):
         return name, environ.get("SCRIPT_NAME", "").rstrip("/") + "/runner" + value

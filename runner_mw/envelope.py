@@ -11,6 +11,7 @@ from typing import Any
 
 from runner_mw.backends.base import CONTENT_HASH
 
+_HEADER_SAFE = frozenset(chr(i) for i in range(0x21, 0x7F))
 _OPTIONAL_STR = ("request_id", "install_id", "version_id")
 
 
@@ -24,6 +25,9 @@ def envelope_problem(env: Any) -> str | None:
     for key in ("tenant_id", "extension_id"):
         if not isinstance(ctx.get(key), str) or not ctx[key]:
             return f"context.{key} must be a non-empty string"
+        if not set(ctx[key]) <= _HEADER_SAFE or len(ctx[key]) > 256:
+            # It travels as x-alga-tenant / x-alga-extension: visible ASCII only.
+            return f"context.{key} must be 1-256 visible ASCII characters"
     if not isinstance(ctx.get("content_hash"), str) or not CONTENT_HASH.fullmatch(ctx["content_hash"]):
         return "context.content_hash must be 'sha256:' followed by 64 hex digits"
     for key in _OPTIONAL_STR:

@@ -148,7 +148,8 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
     """The runner's transport reply -> what the client gets (see the error table)."""
     if status == 413:
         raise _Refused(413, "payload_too_large")
-    if status >= 400 or status < 200:
+    if status != 200:
+        # The runner answers every parsed envelope with transport 200 (the outcome is in-band).
         raise _Refused(502, "bad_gateway")
     try:
         reply = json.loads(body)

@@ -25,6 +25,7 @@ class Watchdog:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, socket.socket]] = []
         self._cancelled: set[int] = set()
+        self._fired: set[int] = set()
         self._ids = itertools.count()
         self._pid = 0
 
@@ -40,14 +41,20 @@ class Watchdog:
                 self._cond.notify()
         return token
 
-    def cancel(self, token: int) -> None:
+    def cancel(self, token: int) -> bool:
+        """Disarm ``token``; True when its deadline had already fired (the socket is dead)."""
         with self._cond:
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
             self._cancelled.add(token)
+            return False
 
     def _start(self) -> None:
         # A fork copies the heap but not the thread: start over in this process.
         self._heap.clear()
         self._cancelled.clear()
+        self._fired.clear()
         self._pid = os.getpid()
         threading.Thread(target=self._run, name="runner_mw-deadline", daemon=True).start()
 
@@ -66,6 +73,7 @@ class Watchdog:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
+                self._fired.add(token)
                 with contextlib.suppress(OSError):  # already closed: nothing left to stop
                     sock.shutdown(socket.SHUT_RDWR)
 

@@ -11,6 +11,7 @@ redirect following. Every urllib3/socket exception is mapped to a
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from runner_mw.errors import (
 )
 
 CHUNK = 64 * 1024
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 HEALTH_TIMEOUT = urllib3.Timeout(connect=1.0, read=2.0)
 # Raised before a single byte of the request left: safe to retry for any method.
 _NOT_SENT = (NewConnectionError, NameResolutionError, ConnectTimeoutError)
@@ -52,23 +54,27 @@ _call = threading.local()
 
 
 class _DeadlineMixin:
-    """Arms the watchdog once the request is sent, so waiting for (and reading) the
-    reply cannot outlive the call's total deadline, however slowly the runner drips."""
+    """Arms the watchdog once the request is sent: from then on, waiting for and reading
+    the reply cannot outlive the read deadline, however slowly the runner drips. (The
+    connect, and retries of connects, are bounded by connect_ms and the retry budget.)"""
 
     sock: Any
 
     def getresponse(self) -> Any:
-        deadline = getattr(_call, "deadline", None)
-        if deadline is not None and self.sock is not None:
-            _call.token = WATCHDOG.watch(deadline, self.sock)
+        read_s = getattr(_call, "read_s", None)
+        if read_s is not None and self.sock is not None:
+            _call.deadline = time.monotonic() + read_s
+            _call.token = WATCHDOG.watch(_call.deadline, self.sock)
         return super().getresponse()  # type: ignore[misc]
 
 
-def _disarm() -> None:
+def _disarm() -> bool:
+    """Disarm this thread's deadline; True when it had fired (the reply was too slow)."""
     token = getattr(_call, "token", None)
-    if token is not None:
-        WATCHDOG.cancel(token)
-    _call.deadline = _call.token = None
+    fired = WATCHDOG.cancel(token) if token is not None else False
+    _call.token = None
+    _call.fired = getattr(_call, "fired", False) or fired
+    return fired
 
 
 class _HTTPConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
@@ -94,7 +100,8 @@ def mapped_errors() -> Iterator[None]:
         raise RunnerTimeout() from None
     except SSLError:
         raise RunnerUnreachable() from None
-    except (ProtocolError, HTTPError, OSError):
+    except (ProtocolError, HTTPError, OSError, ValueError, UnicodeError):
+        # ValueError/UnicodeError: a header value http.client cannot encode, or garbage.
         raise BadGateway() from None
 
 
@@ -171,26 +178,27 @@ class HTTPBackend(RunnerBackend):
             pause *= 2
 
     def execute(self, body: bytes, headers: dict[str, str]) -> ExecuteReply:
-        deadline = time.monotonic() + self._read_s
-        _call.deadline, _call.token = deadline, None
+        _call.read_s, _call.token, _call.fired = self._read_s, None, False
+        _call.deadline = time.monotonic() + self._connect_s + self._read_s  # until the send
         try:
             with mapped_errors():
                 resp = self._urlopen("POST", "/v1/execute", body, headers,
                                      urllib3.Timeout(connect=self._connect_s, read=self._read_s))
                 try:
-                    data = self._read_capped(resp, deadline)
+                    data = self._read_capped(resp, _call.deadline)
                 except BaseException:
                     resp.close()
                     raise
                 finally:
                     _disarm()  # before the connection goes back to the pool
                     resp.release_conn()
-        except UpstreamError as exc:
-            if time.monotonic() >= deadline and not isinstance(exc, Overloaded):
+        except UpstreamError:
+            if _disarm() or _call.fired:
                 raise RunnerTimeout() from None  # the watchdog cut a reply that was too slow
             raise
         finally:
             _disarm()
+            _call.read_s = _call.deadline = None
         return ExecuteReply(resp.status, list(resp.headers.items()), data)
 
     def _read_capped(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
@@ -215,7 +223,9 @@ class HTTPBackend(RunnerBackend):
             parts.append(chunk)
 
     def fetch_asset(self, method: str, path: str, query: str, headers: dict[str, str]) -> AssetResponse:
-        target = "/" + path + ("?" + query if query else "")
+        # A stray '%' would make urllib3 re-encode the whole query (%2F -> %252F): escape
+        # only that, so the query reaches the runner with the meaning the client gave it.
+        target = "/" + path + ("?" + _STRAY_PERCENT.sub("%25", query) if query else "")
         with mapped_errors():
             resp = self._urlopen(method, target, None, headers,
                                  urllib3.Timeout(connect=self._connect_s, read=self._read_s))
@@ -223,7 +233,7 @@ class HTTPBackend(RunnerBackend):
             status=resp.status,
             headers=list(resp.headers.items()),
             chunks=self._stream(resp, method),
-            close=lambda: _finish(resp),
+            close=lambda: _finish(resp, method),
         )
 
     def _stream(self, resp: urllib3.BaseHTTPResponse, method: str) -> Iterator[bytes]:
@@ -248,9 +258,10 @@ class HTTPBackend(RunnerBackend):
                 "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
-def _finish(resp: urllib3.BaseHTTPResponse) -> None:
+def _finish(resp: urllib3.BaseHTTPResponse, method: str) -> None:
     """Give the connection back: reusable if the body was read to the end, else closed."""
-    if not resp.closed and not _fully_read(resp):
+    bodiless = method == "HEAD" or resp.status in (204, 304)
+    if not resp.closed and not bodiless and not _fully_read(resp):
         resp.close()  # never reuse a connection with unread bytes on it
     resp.release_conn()
 

@@ -1,0 +1,225 @@
+"""Who may call /v1/execute: networks OR bearer tokens, X-Forwarded-For only from trusted proxies,
+or the host app's ``authorize`` callable. Units on environ dicts, then through real HTTP."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from typing import Any
+
+import pytest
+from mwfixtures import ACCESS_TOKEN, HOST, T, envelope, running_gateway
+
+from runner_mw.access import (
+    ALLOW,
+    FORBIDDEN,
+    UNAUTHORIZED,
+    bearer_token,
+    check_access,
+    client_address,
+    token_matches,
+)
+from runner_mw.config import Access
+from runner_mw.loader import config_from_mapping
+
+pytest_plugins = ["mwfixtures"]
+
+
+def access(networks: tuple[str, ...] | None = None, tokens: tuple[str, ...] = (),
+           trusted: tuple[str, ...] = ()) -> Access:
+    kwargs: dict[str, Any] = {"tokens": tokens,
+                              "trusted_proxies": tuple(ipaddress.ip_network(n) for n in trusted)}
+    if networks is not None:
+        kwargs["networks"] = tuple(ipaddress.ip_network(n) for n in networks)
+    return Access(**kwargs)
+
+
+def env(peer: str = "127.0.0.1", xff: str | None = None, auth: str | None = None) -> dict[str, Any]:
+    environ: dict[str, Any] = {"REMOTE_ADDR": peer}
+    if xff is not None:
+        environ["HTTP_X_FORWARDED_FOR"] = xff
+    if auth is not None:
+        environ["HTTP_AUTHORIZATION"] = auth
+    return environ
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+
+def test_the_default_is_loopback_only() -> None:
+    default = config_from_mapping({"version": 1, "backend": "d",
+                                   "backends": {"d": {"kind": "docker", "url": "http://x"}}}).access
+    assert check_access(env("127.0.0.1"), default, None) == ALLOW
+    assert check_access(env("::1"), default, None) == ALLOW
+    assert check_access(env("::ffff:127.0.0.1"), default, None) == ALLOW
+    for outside in ("10.0.0.1", "192.168.1.10", "127.0.0.2", "2001:db8::1", "", "unix:/sock"):
+        assert check_access(env(outside), default, None) == UNAUTHORIZED, outside
+
+
+@pytest.mark.parametrize(("peer", "xff", "trusted", "expected"), [
+    ("10.9.9.9", "1.2.3.4", (), "10.9.9.9"),  # peer not a trusted proxy: XFF ignored
+    ("127.0.0.1", "1.2.3.4", (), "127.0.0.1"),  # no trusted proxies at all: XFF ignored
+    ("127.0.0.1", "1.2.3.4", ("127.0.0.1/32",), "1.2.3.4"),
+    ("127.0.0.1", "6.6.6.6, 1.2.3.4", ("127.0.0.1/32",), "1.2.3.4"),  # the left part is the client's claim
+    ("127.0.0.1", "1.2.3.4, 10.0.0.2", ("127.0.0.1/32", "10.0.0.0/8"), "1.2.3.4"),
+    ("127.0.0.1", "1.2.3.4,10.0.0.2 , 10.0.0.3", ("127.0.0.1/32", "10.0.0.0/8"), "1.2.3.4"),
+    ("127.0.0.1", "10.0.0.5", ("127.0.0.1/32", "10.0.0.0/8"), "10.0.0.5"),  # all trusted: the left-most
+    ("127.0.0.1", "", ("127.0.0.1/32",), "127.0.0.1"),
+    ("::1", "2001:db8::7", ("::1/128",), "2001:db8::7"),
+    ("::ffff:127.0.0.1", "1.2.3.4", ("127.0.0.1/32",), "1.2.3.4"),
+])
+def test_client_address(peer: str, xff: str, trusted: tuple[str, ...], expected: str) -> None:
+    assert client_address(env(peer, xff), access(trusted=trusted)) == ipaddress.ip_address(expected)
+
+
+@pytest.mark.parametrize("xff", ["not-an-ip", "1.2.3.4, garbage", "1.2.3.4:8080", "unknown, 10.0.0.2"])
+def test_a_garbled_forwarded_chain_is_not_believed(xff: str) -> None:
+    rules = access(networks=("0.0.0.0/0",), trusted=("127.0.0.1/32", "10.0.0.0/8"))
+    assert client_address(env("127.0.0.1", xff), rules) is None
+    assert check_access(env("127.0.0.1", xff), rules, None) == UNAUTHORIZED
+
+
+@pytest.mark.parametrize(("header", "token"), [
+    ("Bearer abc", "abc"), ("bearer abc", "abc"), ("BEARER  abc ", "abc"), ("Bearer", None),
+    ("Bearer ", None), ("Basic YWJjOmRlZg==", None), ("abc", None), ("", None),
+])
+def test_bearer_token(header: str, token: str | None) -> None:
+    assert bearer_token({"HTTP_AUTHORIZATION": header}) == token
+    assert bearer_token({}) is None
+
+
+def test_token_matches_any_configured_token() -> None:
+    tokens = ("first-token-0123456789", "second-token-0123456789")
+    assert token_matches("first-token-0123456789", tokens)
+    assert token_matches("second-token-0123456789", tokens)
+    for wrong in ("first-token-012345678", "first-token-01234567890", "", "x", "sécond-token"):
+        assert not token_matches(wrong, tokens)
+    assert not token_matches("anything", ())
+
+
+def test_tokens_open_access_from_anywhere_but_only_as_bearer() -> None:
+    rules = access(networks=(), tokens=(ACCESS_TOKEN,))
+    assert check_access(env("8.8.8.8", auth=f"Bearer {ACCESS_TOKEN}"), rules, None) == ALLOW
+    assert check_access(env("8.8.8.8", auth="Bearer wrong-token-0123456789"), rules, None) == UNAUTHORIZED
+    assert check_access(env("8.8.8.8", auth=f"Basic {ACCESS_TOKEN}"), rules, None) == UNAUTHORIZED
+    assert check_access(env("127.0.0.1"), rules, None) == UNAUTHORIZED  # networks: [] closes loopback
+
+
+def test_authorize_decides_instead_of_networks_and_tokens() -> None:
+    rules = access(tokens=(ACCESS_TOKEN,))
+    seen: list[Any] = []
+
+    def no(environ: Any) -> bool:
+        seen.append(environ)
+        return False
+
+    loopback_with_token = env("127.0.0.1", auth=f"Bearer {ACCESS_TOKEN}")
+    assert check_access(loopback_with_token, rules, no) == FORBIDDEN
+    assert seen == [loopback_with_token]
+    assert check_access(env("8.8.8.8"), rules, lambda e: True) == ALLOW
+
+
+# -- through HTTP --------------------------------------------------------------------------------
+
+OUTSIDE = {"networks": ["10.0.0.0/8"]}  # loopback (every test client) is not allowed
+
+
+def test_closed_to_non_members_with_a_bearer_challenge(kind: str) -> None:
+    with running_gateway(kind, access=OUTSIDE) as gw:
+        resp = gw.execute()
+        assert resp.status_code == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert resp.json() == {"error": "unauthorized", "requestId": resp.headers["X-Request-Id"]}
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert gw.runner.received == []
+
+
+@pytest.mark.parametrize(("xff", "trusted", "allowed"), [
+    ("10.1.2.3", [], False),  # from an untrusted peer: ignored
+    ("10.1.2.3", ["127.0.0.1/32"], True),
+    ("10.1.2.3, 192.168.1.1", ["127.0.0.1/32", "192.168.0.0/16"], True),
+    ("10.1.2.3, 8.8.8.8", ["127.0.0.1/32", "192.168.0.0/16"], False),  # spoofed left part
+    ("garbage, 192.168.1.1", ["127.0.0.1/32", "192.168.0.0/16"], False),
+], ids=["untrusted-peer", "trusted-proxy", "trusted-chain", "spoofed", "garbled"])
+def test_forwarded_for_through_http(kind: str, xff: str, trusted: list[str], allowed: bool) -> None:
+    with running_gateway(kind, access={**OUTSIDE, "trusted_proxies": trusted}) as gw:
+        resp = gw.execute(headers={"X-Forwarded-For": xff})
+        assert resp.status_code == (200 if allowed else 401), resp.text
+        assert len(gw.runner.received) == (1 if allowed else 0)
+        if allowed:
+            assert "x-forwarded-for" not in gw.runner.received[0].headers
+
+
+def test_repeated_forwarded_for_lines_count_as_one_chain(kind: str) -> None:
+    with running_gateway(kind, access={**OUTSIDE, "trusted_proxies": ["127.0.0.1/32"]}) as gw:
+        ok = gw.raw("POST", "/v1/execute", [("Content-Type", "application/json"),
+                                            ("X-Forwarded-For", "8.8.8.8"), ("X-Forwarded-For", "10.1.2.3")],
+                    body=b'{"context": {}}')
+        assert ok.status == 400  # past the access check: the envelope is refused
+        spoof = gw.raw("POST", "/v1/execute",
+                       [("Content-Type", "application/json"), ("X-Forwarded-For", "10.1.2.3"),
+                        ("X-Forwarded-For", "8.8.8.8")], body=b'{"context": {}}')
+        assert spoof.status == 401
+
+
+@pytest.mark.parametrize(("auth", "status"), [
+    (f"Bearer {ACCESS_TOKEN}", 200), (f"bearer {ACCESS_TOKEN}", 200),
+    ("Bearer wrong-token-0123456789abc", 401), (f"Basic {ACCESS_TOKEN}", 401), (ACCESS_TOKEN, 401),
+    (f"Bearer {ACCESS_TOKEN[:-1]}", 401), (f"Bearer {ACCESS_TOKEN}x", 401),
+])
+def test_bearer_tokens_through_http(kind: str, auth: str, status: int) -> None:
+    tokens = ["other-token-0123456789", ACCESS_TOKEN]
+    with running_gateway(kind, access={"networks": [], "tokens": tokens}) as gw:
+        resp = gw.execute(headers={"Authorization": auth})
+        assert resp.status_code == status, resp.text
+        if status == 200:
+            (got,) = gw.runner.received
+            assert "authorization" not in got.headers  # the credential stops at the gateway
+            assert ACCESS_TOKEN not in repr(got)
+        else:
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert gw.runner.received == []
+
+
+def test_a_token_in_the_query_is_not_a_credential(kind: str) -> None:
+    with running_gateway(kind, access={"networks": [], "tokens": [ACCESS_TOKEN]}) as gw:
+        assert gw.execute(params={"access_token": ACCESS_TOKEN}).status_code == 401
+
+
+def test_authorize_callable_through_http(kind: str) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def authorize(environ: Any) -> bool:
+        calls.append(dict(environ))
+        return environ.get("HTTP_X_SESSION") == "valid-session"
+
+    with running_gateway(kind, authorize=authorize, access={"networks": [], "tokens": [ACCESS_TOKEN]}) as gw:
+        ok = gw.execute(headers={"X-Session": "valid-session"})
+        assert ok.status_code == 200
+        denied = gw.execute(headers={"Authorization": f"Bearer {ACCESS_TOKEN}"})  # authorize decides
+        assert denied.status_code == 403
+        assert denied.json()["error"] == "forbidden" and "WWW-Authenticate" not in denied.headers
+        assert len(gw.runner.received) == 1
+        assert calls[0]["PATH_INFO"] == "/v1/execute" and calls[0]["REMOTE_ADDR"] == HOST
+
+
+def test_access_is_decided_before_the_content_type_and_the_body(kind: str) -> None:
+    with running_gateway(kind, access=OUTSIDE, limits={"max_body_bytes": 1000}) as gw:
+        assert gw.execute(b"not json", headers={"Content-Type": "text/plain"}).status_code == 401
+        # Headers announcing a gigabyte, and no body: the refusal comes without reading it.
+        started = time.monotonic()
+        with socket.create_connection((HOST, gw.port), timeout=T) as sock:
+            sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000000000\r\n\r\n")
+            head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 401") and time.monotonic() - started < T / 2
+        assert gw.runner.received == []
+
+
+def test_authorized_requests_still_need_a_valid_envelope(kind: str) -> None:
+    with running_gateway(kind, authorize=lambda e: True) as gw:
+        bad = envelope()
+        del bad["context"]["tenant_id"]
+        assert gw.execute(bad).status_code == 400
+        assert gw.runner.received == []

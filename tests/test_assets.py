@@ -1,0 +1,355 @@
+"""/runner/<prefix>/...: UI assets streamed same-origin, through real HTTP to a stand-in runner."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+from mwfixtures import (
+    EXT,
+    HASH,
+    HOST,
+    INDEX,
+    SERVERS,
+    SERVICE_TOKEN,
+    UPSTREAM_INDEX,
+    Gateway,
+    config_for,
+    raw_exchange,
+    running_gateway,
+    send,
+    serve_wsgi,
+)
+from standin import DripRunner, GarbageRunner, SilentRunner, StandinRunner, closed_port, stream_digest
+
+from runner_mw import RunnerMiddleware
+from runner_mw.devrunner import SAMPLE_BUNDLES
+from runner_mw.devrunner.app import IMMUTABLE
+
+pytest_plugins = ["mwfixtures"]
+
+INDEX_FILE = SAMPLE_BUNDLES / EXT / HASH.removeprefix("sha256:") / "ui" / "index.html"
+Q = "?tenant=t1"
+
+
+def read_all(resp: http.client.HTTPResponse) -> tuple[int, str]:
+    """Read a body in chunks without keeping it: (size, sha256 hex)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := resp.read(65536):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+# -- the contract passes through ------------------------------------------------------------------
+
+
+def test_an_asset_is_passed_with_its_headers(gateway: Gateway) -> None:
+    resp = gateway.get(INDEX + Q)
+    assert resp.status_code == 200
+    assert resp.content == INDEX_FILE.read_bytes()
+    assert resp.headers["Content-Type"] == "text/html"
+    assert resp.headers["Content-Length"] == str(INDEX_FILE.stat().st_size)
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["ETag"].startswith('"sha256-')
+    assert resp.headers["Cache-Control"] == IMMUTABLE  # a 2xx: the runner's
+    (got,) = gateway.runner.received
+    assert (got.method, got.raw_path) == ("GET", UPSTREAM_INDEX + Q)
+    assert got.headers["host"] == gateway.upstream_host
+    assert got.headers["x-request-id"] == resp.headers["X-Request-Id"]
+    assert got.headers["x-runner-service-token"] == SERVICE_TOKEN
+    assert got.body == b""
+
+
+def test_head_has_the_length_and_no_body(gateway: Gateway) -> None:
+    resp = gateway.raw("HEAD", INDEX + Q)
+    assert resp.status == 200 and resp.body == b""
+    assert resp.header("Content-Length") == str(INDEX_FILE.stat().st_size)
+    assert resp.header("ETag") is not None
+    assert gateway.runner.received[0].method == "HEAD"
+
+
+def test_etag_revalidation_is_304(gateway: Gateway) -> None:
+    etag = gateway.get(INDEX + Q).headers["ETag"]
+    resp = gateway.raw("GET", INDEX + Q, [("If-None-Match", etag)])
+    assert resp.status == 304 and resp.body == b""
+    assert resp.header("ETag") == etag and resp.header("X-Request-Id")
+    assert gateway.runner.received[1].headers["if-none-match"] == etag
+    stale = gateway.get(INDEX + Q, headers={"If-None-Match": '"sha256-00"'})
+    assert stale.status_code == 200 and stale.content == INDEX_FILE.read_bytes()
+
+
+@pytest.mark.parametrize("query", [
+    "?tenant=t1&path=%2Fsettings%3Fa%3D1&x=a+b&empty=&flag",
+    "?tenant=t1&tenant=t2",
+    "?tenant=%E7%A7%9F%E6%88%B7&next=%2F%2Fx",
+    "",
+])
+def test_the_query_is_passed_as_is(gateway: Gateway, query: str) -> None:
+    gateway.raw("GET", INDEX + query)
+    assert gateway.runner.received[0].raw_path == UPSTREAM_INDEX + query
+
+
+def test_a_query_with_a_stray_percent_keeps_its_meaning(gateway: Gateway) -> None:
+    # A lone '%' is not valid percent-encoding; it travels as its encoding %25 while every
+    # valid escape (here %2F) is left alone, so the runner decodes what the client meant.
+    gateway.raw("GET", INDEX + "?tenant=t1&discount=100%&next=%2Fhome")
+    assert gateway.runner.received[0].raw_path == UPSTREAM_INDEX + "?tenant=t1&discount=100%25&next=%2Fhome"
+
+
+def test_runner_cookies_are_dropped(gateway: Gateway) -> None:
+    gateway.runner.respond("/ext-ui/", 200, [("Content-Type", "text/css"), ("Set-Cookie", "a=1; Path=/"),
+                                             ("Set-Cookie", "b=2; HttpOnly"), ("set-cookie2", "c=3")], b"x{}")
+    resp = gateway.raw("GET", "/runner/ext-ui/a/b/c.css")
+    assert resp.status == 200 and resp.body == b"x{}"
+    assert resp.headers.get_all("Set-Cookie") is None and resp.header("Set-Cookie2") is None
+    gateway.raw("GET", "/runner/ext-ui/a/b/d.css")
+    assert "cookie" not in gateway.runner.received[1].headers  # and no cookie jar sends them back
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_compressed_bytes_pass_unchanged(gateway: Gateway, chunked: bool) -> None:
+    payload = gzip.compress(b"console.log('hello');\n" * 500, mtime=0)
+    gateway.runner.respond("/ext-ui/", 200, [("Content-Type", "text/javascript"),
+                                             ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")],
+                           payload, chunked=chunked)
+    resp = gateway.raw("GET", "/runner/ext-ui/a/b/app.js", [("Accept-Encoding", "gzip")])
+    assert resp.status == 200 and resp.body == payload
+    assert resp.header("Content-Encoding") == "gzip" and resp.header("Vary") == "Accept-Encoding"
+    if not chunked:
+        assert resp.header("Content-Length") == str(len(payload))
+    assert gateway.runner.received[0].headers["accept-encoding"] == "gzip"
+
+
+@pytest.mark.parametrize(("location", "client_sees"), [
+    ("/ext-ui/other/sha256:00/index.html?tenant=t", "/runner/ext-ui/other/sha256:00/index.html?tenant=t"),
+    ("/elsewhere", "/elsewhere"),
+    ("https://cdn.example/ext-ui/x", "https://cdn.example/ext-ui/x"),
+    ("//evil.example/ext-ui/x", "//evil.example/ext-ui/x"),
+    ("relative/ext-ui/x", "relative/ext-ui/x"),
+])
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_are_passed_never_followed(gateway: Gateway, status: int, location: str,
+                                             client_sees: str) -> None:
+    gateway.runner.respond("/ext-ui/a/", status, [("Location", location),
+                                                  ("Cache-Control", IMMUTABLE)])
+    resp = gateway.raw("GET", "/runner/ext-ui/a/b/index.html")
+    assert resp.status == status and resp.header("Location") == client_sees
+    assert resp.header("Cache-Control") == "no-store"
+    assert len(gateway.runner.received) == 1
+
+
+def test_a_redirect_into_the_assets_honours_the_mount_point() -> None:
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    with StandinRunner() as runner:
+        runner.respond("/ext-ui/a/", 302, [("Location", "/ext-ui/b/h/index.html")])
+        mw = RunnerMiddleware(lambda e, s: [], config_for(runner.url), reload_signal=False)
+        try:
+            with serve_wsgi(DispatcherMiddleware(lambda e, s: [], {"/app": mw})) as served:
+                resp = send("GET", served.url + "/app/runner/ext-ui/a/h/x.js")
+                assert resp.status_code == 302
+                assert resp.headers["Location"] == "/app/runner/ext-ui/b/h/index.html"
+                assert runner.received[0].raw_path == "/ext-ui/a/h/x.js"
+        finally:
+            mw.close()
+
+
+@pytest.mark.parametrize(("status", "body"), [(400, b"invalid path"), (404, b""), (413, b"asset too large"),
+                                              (500, b"boom"), (502, b"archive hash mismatch"), (201, b"ok")])
+def test_error_statuses_and_bodies_pass_with_no_store(gateway: Gateway, status: int, body: bytes) -> None:
+    gateway.runner.respond("/ext-ui/", status, [("Content-Type", "text/plain"), ("Cache-Control", IMMUTABLE)],
+                           body)
+    resp = gateway.raw("GET", "/runner/ext-ui/a/b/c.js")
+    assert resp.status == status and resp.body == body
+    expected = IMMUTABLE if status < 300 else "no-store"
+    assert resp.headers.get_all("Cache-Control") == [expected]
+
+
+def test_the_runners_own_refusals_pass_with_no_store(gateway: Gateway) -> None:
+    unknown = gateway.get(f"/runner/ext-ui/com.example.unknown/{HASH}/index.html{Q}")
+    assert unknown.status_code == 404 and unknown.headers["Cache-Control"] == "no-store"
+    bad_type = gateway.get(INDEX.replace("index.html", "notes.txt") + Q)
+    assert bad_type.status_code == 400 and bad_type.headers["Cache-Control"] == "no-store"
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+BIG = 64 * 1024 * 1024
+
+
+def test_a_64_mib_asset_streams_in_flat_memory(gateway: Gateway) -> None:
+    gateway.runner.stream_asset("/ext-ui/big/", BIG)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with raw_exchange(gateway.port, "GET", "/runner/ext-ui/big/h/file.bin") as resp:
+            assert resp.status == 200 and resp.getheader("Content-Length") == str(BIG)
+            size, digest = read_all(resp)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert (size, digest) == (BIG, stream_digest(BIG))
+    assert peak < 32 * 1024 * 1024, f"gateway process grew by {peak / 1e6:.1f} MB"
+
+
+def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(kind: str) -> None:
+    # One pooled connection: if the abandoned stream kept it, the next request would wait, then 503.
+    with running_gateway(kind, upstream={"pool_size": 1, "pool_wait_ms": 10000}) as gw:
+        gw.runner.stream_asset("/ext-ui/big/", BIG)
+        with raw_exchange(gw.port, "GET", "/runner/ext-ui/big/h/file.bin") as resp:
+            assert resp.status == 200
+            assert len(resp.read(256 * 1024)) == 256 * 1024
+        for _ in range(3):
+            started = time.monotonic()
+            nxt = gw.get(INDEX + Q)
+            assert nxt.status_code == 200 and time.monotonic() - started < 5
+        peers = [r.peer for r in gw.runner.received]
+        assert peers[1] != peers[0]  # the half-read connection was closed, never reused
+        assert peers[1] == peers[2] == peers[3]  # the others are kept alive
+
+
+class CutMidBodyRunner:
+    """Answers 200 with a head and part of a body, then, once ``go`` is set, resets the
+    connection (``reset=True``) or just stays silent until the end of the test."""
+
+    def __init__(self, *, chunked: bool = False, reset: bool = True, total: int = 1_000_000,
+                 sent: int = 200_000) -> None:
+        self.chunked, self.reset, self.total, self.sent = chunked, reset, total, sent
+        self.go = threading.Event()
+        self._stop = threading.Event()
+        self._listener = socket.create_server((HOST, 0))
+        self._listener.settimeout(0.05)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> CutMidBodyRunner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self.go.set()
+        self._thread.join(10)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        framing = b"Transfer-Encoding: chunked" if self.chunked else b"Content-Length: %d" % self.total
+        body = b"a" * self.sent
+        if self.chunked:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n" + framing
+                     + b"\r\n\r\n" + body)
+        while not self.go.wait(0.05):
+            if self._stop.is_set():
+                return
+        if self.reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            self._stop.wait(10)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_runner_dying_mid_body_breaks_the_clients_transfer(kind: str, server: str, chunked: bool) -> None:
+    with CutMidBodyRunner(chunked=chunked) as cut, \
+            running_gateway(kind, server=server, runner_url=cut.url) as gw, \
+            raw_exchange(gw.port, "GET", "/runner/ext-ui/a/b/big.bin") as resp:
+        assert resp.status == 200
+        assert len(resp.read(1000)) == 1000
+        cut.go.set()
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            resp.read()  # never a short body that looks complete
+
+
+def test_a_stalled_stream_is_cut_after_the_read_deadline(kind: str) -> None:
+    with CutMidBodyRunner(reset=False) as stalled, \
+            running_gateway(kind, runner_url=stalled.url, timeouts={"read_ms": 500}) as gw, \
+            raw_exchange(gw.port, "GET", "/runner/ext-ui/a/b/big.bin") as resp:
+        assert resp.status == 200
+        started = time.monotonic()
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            resp.read()
+        assert time.monotonic() - started < 5
+
+
+def test_a_slow_but_steady_stream_may_outlast_the_read_deadline(kind: str) -> None:
+    # read_ms bounds the first byte and each silence, not a whole download.
+    body = b"/* steady as */"
+    with DripRunner(0.05, body=body, content_type="text/javascript", head_at_once=True) as drip, \
+            running_gateway(kind, runner_url=drip.url, timeouts={"read_ms": 600}) as gw:
+        started = time.monotonic()
+        resp = gw.get("/runner/ext-ui/a/b/app.js")
+        assert resp.status_code == 200 and resp.content == body
+        assert time.monotonic() - started > 0.6  # longer than read_ms, and not cut
+
+
+def test_a_silent_runner_is_504_for_assets(kind: str) -> None:
+    with SilentRunner() as silent, running_gateway(kind, runner_url=silent.url,
+                                                   timeouts={"read_ms": 500}) as gw:
+        started = time.monotonic()
+        resp = gw.get(INDEX + Q)
+        assert resp.status_code == 504 and resp.json()["error"] == "runner_timeout"
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert time.monotonic() - started < 1.5 and silent.connections == 1
+
+
+@pytest.mark.parametrize(("fault", "status", "code"), [("closed", 502, "runner_unreachable"),
+                                                       ("garbage", 502, "bad_gateway")])
+def test_unreachable_or_broken_runners_for_assets(kind: str, fault: str, status: int, code: str) -> None:
+    with contextlib.ExitStack() as stack:
+        if fault == "closed":
+            url = f"http://{HOST}:{closed_port()}"
+        else:
+            url = stack.enter_context(GarbageRunner()).url
+        gw = stack.enter_context(running_gateway(kind, runner_url=url,
+                                                 backend={"retry": {"backoff_ms": 10}} if kind == "knative"
+                                                 else None))
+        resp = gw.get(INDEX + Q)
+        assert resp.status_code == status
+        assert resp.json() == {"error": code, "requestId": resp.headers["X-Request-Id"]}
+
+
+def test_assets_of_another_bundle(tmp_path: Path, kind: str) -> None:
+    hex_ = "ab" * 32
+    ui = tmp_path / "com.example.other" / hex_ / "ui"
+    ui.mkdir(parents=True)
+    (ui / "index.html").write_bytes(b"<html>other</html>")
+    (ui / "app.js").write_bytes(b"let x = 1;")
+    with StandinRunner(tmp_path) as runner, \
+            running_gateway(kind, runner_url=runner.url) as gw:
+        resp = gw.get(f"/runner/ext-ui/com.example.other/sha256%3A{hex_}/app.js{Q}")
+        assert resp.status_code == 200 and resp.content == b"let x = 1;"
+        assert resp.headers["Content-Type"] == "text/javascript"
+

@@ -1,0 +1,545 @@
+"""/v1/execute through real HTTP to a stand-in runner: every rule, checked on what the runner got."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+import requests
+from mwfixtures import (
+    EXT,
+    HASH,
+    HOST,
+    SERVICE_TOKEN,
+    TENANT,
+    Gateway,
+    echo,
+    envelope,
+    reply_envelope,
+    running_gateway,
+)
+from standin import (
+    DRIP_BODY,
+    DripRunner,
+    GarbageRunner,
+    HugeHeadersRunner,
+    NonJsonRunner,
+    ResetMidBodyRunner,
+    SilentRunner,
+    closed_port,
+)
+
+pytest_plugins = ["mwfixtures"]
+
+
+def sent_envelope(gw: Gateway, index: int = -1) -> dict[str, Any]:
+    return json.loads(gw.runner.received[index].body)  # type: ignore[no-any-return]
+
+
+def assert_gateway_error(resp: requests.Response, status: int, code: str) -> None:
+    """Our JSON error: status, code, the request id, no-store, and nothing else in the body."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body == {"error": code, "requestId": resp.headers["X-Request-Id"]}
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert resp.headers["Content-Type"] == "application/json"
+
+
+# -- the happy path ------------------------------------------------------------------------------
+
+
+def test_an_execute_round_trip(gateway: Gateway) -> None:
+    resp = gateway.execute()
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["Cache-Control"] == "no-store"
+    rid = resp.headers["X-Request-Id"]
+    (got,) = gateway.runner.received
+    assert (got.method, got.raw_path) == ("POST", "/v1/execute")
+    assert got.headers["host"] == gateway.upstream_host
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["x-alga-tenant"] == TENANT and got.headers["x-alga-extension"] == EXT
+    assert got.headers["x-request-id"] == rid
+    assert got.headers["x-runner-service-token"] == SERVICE_TOKEN
+    assert int(got.headers["content-length"]) == len(got.body)
+    sent = json.loads(got.body)
+    assert sent["context"]["request_id"] == rid
+    assert sent["http"] == envelope()["http"]
+    assert echo(resp) == {"tenant": TENANT, "extension": EXT, "method": "POST", "path": "/hello?a=1",
+                          "body": "hi there", "request_id": rid, "runner": f"{gateway.kind}-runner"}
+
+
+def test_the_query_of_execute_is_not_forwarded(gateway: Gateway) -> None:
+    assert gateway.execute(params={"debug": "1"}).status_code == 200
+    assert gateway.runner.received[0].raw_path == "/v1/execute"
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8",
+                                   "Application/JSON", "application/json ;charset=UTF-8"])
+def test_json_content_types_are_accepted(gateway: Gateway, ctype: str) -> None:
+    resp = gateway.raw("POST", "/v1/execute", [("Content-Type", ctype)], json.dumps(envelope()).encode())
+    assert resp.status == 200
+    assert gateway.runner.received[0].headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded",
+                                   "multipart/form-data; boundary=x", "application/json-patch+json",
+                                   "application/jsonx", "text/json"])
+def test_other_content_types_are_415(gateway: Gateway, ctype: str | None) -> None:
+    headers = {} if ctype is None else {"Content-Type": ctype}
+    resp = gateway.request("POST", "/v1/execute", data=json.dumps(envelope()).encode(), headers=headers)
+    assert resp.status_code == 415 and resp.json()["error"] == "unsupported_media_type"
+    assert gateway.runner.received == []
+
+
+# -- the envelope ----------------------------------------------------------------------------------
+
+
+def mutated(path: str, value: Any) -> dict[str, Any]:
+    env: Any = envelope()
+    *parents, last = path.split(".")
+    node = env
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return env  # type: ignore[no-any-return]
+
+
+DELETE = object()
+BAD_ENVELOPES: list[tuple[str, Any, str]] = [
+    ("not-json", b"{nope", "JSON"),
+    ("not-utf8", b'{"a": "\xff\xfe\xfa"}', "UTF-8"),
+    ("array", b"[]", "object"),
+    ("string", b'"x"', "object"),
+    ("empty-body", b"", "JSON"),
+    ("nested-too-deep", b"[" * 100_000 + b"]" * 100_000, "JSON"),
+    ("no-context", mutated("context", DELETE), "context"),
+    ("context-list", mutated("context", []), "context"),
+    ("no-tenant", mutated("context.tenant_id", DELETE), "context.tenant_id"),
+    ("empty-tenant", mutated("context.tenant_id", ""), "context.tenant_id"),
+    ("int-tenant", mutated("context.tenant_id", 7), "context.tenant_id"),
+    ("no-extension", mutated("context.extension_id", DELETE), "context.extension_id"),
+    ("null-extension", mutated("context.extension_id", None), "context.extension_id"),
+    ("no-hash", mutated("context.content_hash", DELETE), "context.content_hash"),
+    ("hash-no-prefix", mutated("context.content_hash", HASH[7:]), "context.content_hash"),
+    ("hash-md5", mutated("context.content_hash", "md5:" + HASH[7:39]), "context.content_hash"),
+    ("hash-short", mutated("context.content_hash", HASH[:-1]), "context.content_hash"),
+    ("hash-not-hex", mutated("context.content_hash", HASH[:-1] + "g"), "context.content_hash"),
+    ("hash-trailing-newline", mutated("context.content_hash", HASH + "\n"), "context.content_hash"),
+    ("int-request-id", mutated("context.request_id", 5), "context.request_id"),
+    ("int-install-id", mutated("context.install_id", 5), "context.install_id"),
+    ("config-int-value", mutated("context.config", {"a": 1}), "context.config"),
+    ("no-http", mutated("http", DELETE), "http"),
+    ("no-method", mutated("http.method", DELETE), "http.method"),
+    ("empty-path", mutated("http.path", ""), "http.path"),
+    ("query-int-value", mutated("http.query", {"a": 1}), "http.query"),
+    ("headers-list", mutated("http.headers", ["a"]), "http.headers"),
+    ("body-b64-int", mutated("http.body_b64", 3), "http.body_b64"),
+    ("limits-string", mutated("limits", "fast"), "limits"),
+    ("timeout-negative", mutated("limits", {"timeout_ms": -1}), "limits.timeout_ms"),
+    ("timeout-string", mutated("limits", {"timeout_ms": "100"}), "limits.timeout_ms"),
+    ("timeout-bool", mutated("limits", {"timeout_ms": True}), "limits.timeout_ms"),
+    ("timeout-float", mutated("limits", {"timeout_ms": 1.5}), "limits.timeout_ms"),
+    ("fuel-negative", mutated("limits", {"fuel": -5}), "limits.fuel"),
+    ("providers-string", mutated("providers", "p"), "providers"),
+    ("providers-int-items", mutated("providers", [1]), "providers"),
+    ("user-string", mutated("user", "u"), "user"),
+    ("secret-envelope-list", mutated("secret_envelope", []), "secret_envelope"),
+]
+
+
+@pytest.mark.parametrize(("body", "detail"), [(b, d) for _, b, d in BAD_ENVELOPES],
+                         ids=[n for n, _, _ in BAD_ENVELOPES])
+def test_bad_envelopes_are_400_with_a_detail(gateway: Gateway, body: Any, detail: str) -> None:
+    resp = gateway.execute(body)
+    assert resp.status_code == 400, resp.text
+    data = resp.json()
+    assert data["error"] == "invalid_request" and detail in data["detail"]
+    assert data["requestId"] == resp.headers["X-Request-Id"]
+    assert gateway.runner.received == []
+
+
+def test_upper_case_hash_hex_is_accepted(gateway: Gateway) -> None:
+    assert gateway.execute(envelope(content_hash=HASH.upper().replace("SHA256", "sha256"))).status_code == 200
+
+
+UNSENDABLE_IDS = ["t1\r\nX-Injected: 1", "t1\nx", "租户"]
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "extension_id"])
+@pytest.mark.parametrize("value", UNSENDABLE_IDS, ids=["crlf", "lf", "non-latin1"])
+def test_ids_that_cannot_travel_as_headers_are_never_sent(gateway: Gateway, field: str, value: str) -> None:
+    resp = gateway.execute(envelope(**{field: value}))
+    assert resp.status_code in (400, 500) and resp.json()["error"] in ("invalid_request", "internal_error")
+    assert gateway.runner.received == []  # no header injection, nothing sent
+    assert "Injected" not in resp.text and "X-Injected" not in resp.headers
+
+
+@pytest.mark.parametrize("value", UNSENDABLE_IDS, ids=["crlf", "lf", "non-latin1"])
+def test_ids_that_cannot_travel_as_headers_are_invalid_requests(gateway: Gateway, value: str) -> None:
+    resp = gateway.execute(envelope(tenant_id=value))
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
+
+
+# -- transport headers ------------------------------------------------------------------------------
+
+
+def test_routing_headers_are_filled_from_the_envelope_or_must_match(gateway: Gateway) -> None:
+    ok = gateway.execute(headers={"X-Alga-Tenant": TENANT, "X-Alga-Extension": EXT, "X-Alga-User": "u1"})
+    assert ok.status_code == 200
+    got = gateway.runner.received[0].headers
+    assert (got["x-alga-tenant"], got["x-alga-extension"], got["x-alga-user"]) == (TENANT, EXT, "u1")
+    for name, value, key in (("X-Alga-Tenant", "other-tenant", "tenant_id"),
+                             ("X-Alga-Extension", "com.evil.ext", "extension_id")):
+        bad = gateway.execute(headers={name: value})
+        assert bad.status_code == 400 and key in bad.json()["detail"]
+    assert len(gateway.runner.received) == 1
+
+
+def test_the_request_id_is_kept_or_made_and_put_in_the_context(gateway: Gateway) -> None:
+    kept = gateway.execute(headers={"X-Request-Id": "req-123"})
+    assert kept.headers["X-Request-Id"] == "req-123"
+    assert gateway.runner.received[0].headers["x-request-id"] == "req-123"
+    assert sent_envelope(gateway)["context"]["request_id"] == "req-123"
+    own = gateway.execute(envelope(request_id="from-envelope"), headers={"X-Request-Id": "req-456"})
+    assert own.status_code == 200
+    assert sent_envelope(gateway)["context"]["request_id"] == "from-envelope"
+    assert gateway.runner.received[-1].headers["x-request-id"] == "req-456"
+    made = gateway.execute(headers={"X-Request-Id": "bad id\x7f"})
+    rid = made.headers["X-Request-Id"]
+    assert rid != "bad id\x7f" and gateway.runner.received[-1].headers["x-request-id"] == rid
+    assert sent_envelope(gateway)["context"]["request_id"] == rid
+
+
+def scoped_key(tenant: str, extension: str, key: str) -> str:
+    return hashlib.sha256(f"{tenant}\0{extension}\0{key}".encode()).hexdigest()
+
+
+def test_idempotency_key_is_passed_bound_to_its_caller_and_replays(gateway: Gateway) -> None:
+    # The runner's replay cache is global: the gateway forwards the key bound to tenant and extension.
+    first = gateway.execute(headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "one"})
+    second = gateway.execute(headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "two"})
+    other = gateway.execute(envelope(tenant_id="tenant-2"),
+                            headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "three"})
+    keys = [r.headers["x-idempotency-key"] for r in gateway.runner.received]
+    assert keys == [scoped_key(TENANT, EXT, "idem-1")] * 2 + [scoped_key("tenant-2", EXT, "idem-1")]
+    assert first.content == second.content  # the runner's cached reply, request id "one" inside
+    assert echo(second)["request_id"] == "one"
+    assert echo(other)["request_id"] == "three" and echo(other)["tenant"] == "tenant-2"
+
+
+def test_allowed_headers_pass_and_everything_else_is_dropped(gateway: Gateway) -> None:
+    headers = {
+        "Accept": "application/json", "User-Agent": "ua/1", "Traceparent": "00-" + "a" * 32 + "-" + "b" * 16
+        + "-01", "Tracestate": "vendor=x", "X-Idempotency-Key": "k1", "X-Alga-Install": "inst-1",
+        "Authorization": "Bearer secret", "Cookie": "sid=secret", "Proxy-Authorization": "Basic x",
+        "X-Runner-Service-Token": "client-supplied", "X-Forwarded-For": "1.2.3.4", "Forwarded": "for=1.2.3.4",
+        "X-Real-Ip": "1.2.3.4", "X-Custom": "1", "Accept-Encoding": "gzip", "Accept-Language": "fr",
+        "Origin": "https://evil.example", "Referer": "https://evil.example/x", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "X-Tenant-Id": "other",
+    }
+    assert gateway.execute(headers=headers).status_code == 200
+    got = gateway.runner.received[0].headers
+    expected = {"host", "content-length", "content-type", "accept", "user-agent", "traceparent",
+                "tracestate", "x-idempotency-key", "x-alga-install", "x-alga-tenant", "x-alga-extension",
+                "x-request-id", "x-runner-service-token", "accept-encoding"}
+    assert set(got) == expected
+    assert got["x-runner-service-token"] == SERVICE_TOKEN
+    assert got["accept-encoding"] == "identity"  # the gateway reads the reply: no compression
+    assert (got["accept"], got["user-agent"], got["tracestate"]) == ("application/json", "ua/1", "vendor=x")
+    assert got["traceparent"] == headers["Traceparent"]
+
+
+def test_headers_named_in_connection_are_dropped_first(gateway: Gateway) -> None:
+    resp = gateway.execute(headers={"Connection": "traceparent, X-Alga-Debug", "Traceparent": "x",
+                                    "X-Alga-Debug": "1", "Tracestate": "kept=1"})
+    assert resp.status_code == 200
+    got = gateway.runner.received[0].headers
+    assert "traceparent" not in got and "x-alga-debug" not in got and got["tracestate"] == "kept=1"
+
+
+def test_service_token_absent_unless_configured(kind: str) -> None:
+    with running_gateway(kind) as gw:
+        assert gw.execute(headers={"X-Runner-Service-Token": "client-supplied"}).status_code == 200
+        assert "x-runner-service-token" not in gw.runner.received[0].headers
+
+
+def test_a_backend_service_token_overrides_the_global_one(kind: str) -> None:
+    with running_gateway(kind, upstream={"service_token": "global-token-0123456789"},
+                         backend={"service_token": "backend-token-0123456789"}) as gw:
+        assert gw.execute().status_code == 200
+        assert gw.runner.received[0].headers["x-runner-service-token"] == "backend-token-0123456789"
+
+
+# -- limits.timeout_ms -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "sent"), [(None, 9000), (0, 9000), (5000, 5000), (9000, 9000),
+                                             (9001, 9000), (600000, 9000)])
+def test_timeout_is_set_or_clamped_below_the_read_deadline(gateway: Gateway, given: int | None,
+                                                          sent: int) -> None:
+    env = envelope()
+    if given is not None:
+        env["limits"] = {"timeout_ms": given, "memory_mb": 64}
+    assert gateway.execute(env).status_code == 200
+    limits = sent_envelope(gateway)["limits"]  # shared gateways: read_ms 10000
+    assert limits["timeout_ms"] == sent
+    if given is not None:
+        assert limits["memory_mb"] == 64
+
+
+def test_timeout_margin_follows_the_backend_read_deadline(kind: str) -> None:
+    with running_gateway(kind, backend={"timeouts": {"read_ms": 2000}}) as gw:
+        assert gw.execute().status_code == 200
+        assert 1000 < json.loads(gw.runner.received[0].body)["limits"]["timeout_ms"] < 2000
+
+
+# -- the runner's reply ------------------------------------------------------------------------------
+
+
+def test_the_reply_is_passed_byte_for_byte(gateway: Gateway) -> None:
+    body = ('{ "status" : 201,"headers":{"x-é":"ü"},\n"body_b64":"aGk=", "error":null,'
+            '"extra":[1,2.50,{"k":true}] }').encode()
+    gateway.runner.respond("/v1/execute", 200, [
+        ("Content-Type", "application/json"), ("Cache-Control", "public, max-age=31536000, immutable"),
+        ("Set-Cookie", "sid=runner"), ("X-Runner-Internal", "1")], body)
+    resp = gateway.execute()
+    assert resp.status_code == 200 and resp.content == body
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "Set-Cookie" not in resp.headers and "X-Runner-Internal" not in resp.headers
+    assert "x-standin" not in resp.headers
+
+
+@pytest.mark.parametrize(("error", "shown"), [
+    ("execute_failed: wasm trap at /srv/bundles/secret/component.wasm:0x1f", "execute_failed"),
+    ("bundle_fetch_failed: s3://internal-bucket/key denied", "bundle_fetch_failed"),
+    ("missing_routing_headers", "missing_routing_headers"),
+    (None, None),
+])
+def test_runner_error_text_is_reduced_to_its_code(gateway: Gateway, error: str | None,
+                                                 shown: str | None) -> None:
+    gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")],
+                           reply_envelope(500, error, body=None))
+    resp = gateway.execute()
+    assert resp.status_code == 200
+    data = resp.json()
+    assert data["error"] == shown and data["status"] == 500 and data["body_b64"] is None
+    assert "secret" not in resp.text and "internal-bucket" not in resp.text
+
+
+def test_trusted_callers_see_the_runner_error_text(kind: str) -> None:
+    text = "execute_failed: wasm trap at /srv/x.wasm"
+    with running_gateway(kind, routes={"expose_runner_errors": True}) as gw:
+        gw.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")],
+                          reply_envelope(500, text))
+        assert gw.execute().json()["error"] == text
+
+
+def test_the_reply_size_is_capped(kind: str) -> None:
+    with running_gateway(kind, limits={"max_reply_bytes": 1024}) as gw:
+        small = reply_envelope(body=b"x" * 500)
+        gw.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], small)
+        assert gw.execute().content == small
+        big = reply_envelope(body=b"x" * 5000)
+        gw.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], big)
+        assert_gateway_error(gw.execute(), 502, "bad_gateway")
+        gw.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], big, chunked=True)
+        assert_gateway_error(gw.execute(), 502, "bad_gateway")
+        assert gw.get("/runner/-/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("status", "body", "ours", "code"), [
+    (500, b"internal runner panic at src/main.rs:42", 502, "bad_gateway"),
+    (404, b"", 502, "bad_gateway"),
+    (422, b"Failed to deserialize the JSON body", 502, "bad_gateway"),
+    (503, b"upstream connect error", 502, "bad_gateway"),
+    (413, b"Failed to buffer the request body: length limit exceeded", 413, "payload_too_large"),
+    (200, b"oops, not json", 502, "bad_gateway"),
+    (200, b"", 502, "bad_gateway"),
+    (200, b'{"status": "200"}', 502, "bad_gateway"),
+    (200, b"[1, 2]", 502, "bad_gateway"),
+], ids=["500", "404", "422", "503", "413", "non-json", "empty", "status-not-int", "not-an-object"])
+def test_runner_failures_are_mapped_without_runner_text(gateway: Gateway, status: int, body: bytes,
+                                                        ours: int, code: str) -> None:
+    gateway.runner.respond("/v1/execute", status, [("Content-Type", "text/plain")], body)
+    resp = gateway.execute()
+    assert_gateway_error(resp, ours, code)
+    assert len(gateway.runner.received) == 1
+
+
+def test_a_body_over_the_runners_own_limit_is_413(kind: str) -> None:
+    # The gateway allows 3 MiB; the (stand-in) runner refuses above 2 MiB with a plain-text 413.
+    with running_gateway(kind, limits={"max_body_bytes": 3 * 1024 * 1024}) as gw:
+        env = envelope()
+        env["http"]["body_b64"] = base64.b64encode(b"x" * (2 * 1024 * 1024)).decode()
+        assert_gateway_error(gw.execute(env), 413, "payload_too_large")
+        assert gw.runner.received[0].body_unread
+
+
+# -- request body limits ------------------------------------------------------------------------------
+
+SMALL_LIMIT = {"max_body_bytes": 2000}
+JSON = {"Content-Type": "application/json"}
+
+
+def padded(size: int) -> bytes:
+    """An envelope of exactly ``size`` bytes."""
+    env = envelope()
+    base = len(json.dumps(env).encode())
+    env["http"]["headers"] = {"pad": ""}
+    base = len(json.dumps(env).encode())
+    env["http"]["headers"] = {"pad": "p" * (size - base)}
+    data = json.dumps(env).encode()
+    assert len(data) == size
+    return data
+
+
+@pytest.mark.parametrize("server", ["werkzeug", "waitress"])
+def test_body_cap_from_content_length_before_reading(kind: str, server: str) -> None:
+    with running_gateway(kind, server=server, limits=SMALL_LIMIT) as gw:
+        assert gw.execute(padded(2000)).status_code == 200
+        assert_gateway_error(gw.execute(padded(2001)), 413, "payload_too_large")
+        assert len(gw.runner.received) == 1
+
+
+def test_body_cap_is_decided_before_the_body_arrives(kind: str) -> None:
+    with running_gateway(kind, limits=SMALL_LIMIT) as gw:
+        with socket.create_connection((HOST, gw.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000000000\r\n\r\n" + b"{" * 100)
+            head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 413")
+        assert gw.runner.received == []
+
+
+def chunks(data: bytes, size: int = 700) -> Any:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("server", ["werkzeug", "waitress"])
+def test_chunked_bodies_are_read_and_capped(kind: str, server: str) -> None:
+    with running_gateway(kind, server=server, limits=SMALL_LIMIT) as gw:
+        data = padded(1990)
+        ok = gw.request("POST", "/v1/execute", data=chunks(data), headers=JSON)
+        assert ok.status_code == 200, ok.text
+        (got,) = gw.runner.received
+        assert "transfer-encoding" not in got.headers and int(got.headers["content-length"]) == len(got.body)
+        assert json.loads(got.body)["http"] == json.loads(data)["http"]
+        over = gw.request("POST", "/v1/execute", data=chunks(padded(2600)), headers=JSON)
+        assert_gateway_error(over, 413, "payload_too_large")
+        assert len(gw.runner.received) == 1
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(kind: str) -> None:
+    with running_gateway(kind) as gw, socket.create_connection((HOST, gw.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"context\":")
+        sock.shutdown(socket.SHUT_WR)
+        head = sock.recv(65536)
+        assert head == b"" or head.startswith(b"HTTP/1.1 400")
+        assert gw.runner.received == []
+
+
+# -- the execute hook ------------------------------------------------------------------------------
+
+
+def test_execute_hook_binds_the_envelope_to_the_caller(kind: str) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+        calls.append((environ["PATH_INFO"], json.loads(json.dumps(env))))
+        session = environ.get("HTTP_X_SESSION")
+        if session is None:
+            raise PermissionError("no session")
+        env["context"]["tenant_id"] = f"tenant-of-{session}"
+        env["user"] = {"user_id": session, "user_email": f"{session}@x", "user_name": session,
+                       "user_type": "internal"}
+        return env
+
+    with running_gateway(kind, execute_hook=hook) as gw:
+        resp = gw.execute(envelope(tenant_id="claimed-by-client"), headers={"X-Session": "alice"})
+        assert resp.status_code == 200
+        got = gw.runner.received[0]
+        assert got.headers["x-alga-tenant"] == "tenant-of-alice"
+        sent = json.loads(got.body)
+        assert sent["context"]["tenant_id"] == "tenant-of-alice" and sent["user"]["user_id"] == "alice"
+        assert calls[0][0] == "/v1/execute" and calls[0][1]["context"]["tenant_id"] == "claimed-by-client"
+        denied = gw.execute()
+        assert_gateway_error(denied, 403, "forbidden")
+        mismatch = gw.execute(headers={"X-Session": "bob", "X-Alga-Tenant": "claimed-by-client"})
+        assert mismatch.status_code == 400
+        assert len(gw.runner.received) == 1
+
+
+def test_a_hook_may_break_the_envelope_or_fail_without_leaking(kind: str) -> None:
+    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+        if environ.get("HTTP_X_MODE") == "break":
+            del env["context"]
+            return env
+        raise RuntimeError("hook exploded with secret detail /etc/shadow")
+
+    with running_gateway(kind, execute_hook=hook) as gw:
+        broken = gw.execute(headers={"X-Mode": "break"})
+        assert broken.status_code == 400 and broken.json()["error"] == "invalid_request"
+        failed = gw.execute()
+        assert_gateway_error(failed, 500, "internal_error")
+        assert "shadow" not in failed.text
+        assert gw.runner.received == []
+
+
+# -- upstream failures ---------------------------------------------------------------------------
+
+
+def test_a_closed_port_is_502_runner_unreachable(kind: str) -> None:
+    quick = {"retry": {"attempts": 2, "backoff_ms": 10}} if kind == "knative" else None
+    with running_gateway(kind, runner_url=f"http://{HOST}:{closed_port()}", backend=quick) as gw:
+        assert_gateway_error(gw.execute(), 502, "runner_unreachable")
+
+
+def test_an_unresolvable_host_is_502_runner_unreachable(kind: str) -> None:
+    with running_gateway(kind, runner_url="http://runner-does-not-exist.invalid:8085",
+                         backend={"retry": {"attempts": 1}} if kind == "knative" else None) as gw:
+        assert_gateway_error(gw.execute(timeout=60), 502, "runner_unreachable")
+
+
+def test_a_silent_runner_is_504_within_the_read_deadline_and_never_retried(kind: str) -> None:
+    with SilentRunner() as silent, running_gateway(kind, runner_url=silent.url,
+                                                   timeouts={"read_ms": 500}) as gw:
+        started = time.monotonic()
+        resp = gw.execute()
+        elapsed = time.monotonic() - started
+        assert_gateway_error(resp, 504, "runner_timeout")
+        assert 0.4 < elapsed < 1.5, elapsed  # well before 3x the read deadline
+        assert silent.connections == 1  # the request was sent: never sent again
+
+
+@pytest.mark.parametrize("head_at_once", [False, True], ids=["dripped-head", "dripped-body"])
+def test_read_ms_is_the_total_deadline_of_an_execute_call(kind: str, head_at_once: bool) -> None:
+    body = b" " * 200 + DRIP_BODY
+    with DripRunner(0.05, body=body, head_at_once=head_at_once) as drip, \
+            running_gateway(kind, runner_url=drip.url, timeouts={"read_ms": 300}) as gw:
+        try:
+            resp = gw.execute(timeout=1.0)  # over 3x the deadline: the gateway must have answered
+        except requests.Timeout:
+            pytest.fail("no answer within 3x read_ms")
+        assert_gateway_error(resp, 504, "runner_timeout")
+        assert drip.connections == 1
+
+
+@pytest.mark.parametrize("fault", [ResetMidBodyRunner, GarbageRunner, NonJsonRunner, HugeHeadersRunner],
+                         ids=lambda f: f.__name__)
+def test_broken_runners_are_502_bad_gateway_and_not_retried(kind: str, fault: Any) -> None:
+    with fault() as runner, running_gateway(kind, runner_url=runner.url) as gw:
+        resp = gw.execute()
+        assert_gateway_error(resp, 502, "bad_gateway")
+        assert "oops" not in resp.text and "SSH" not in resp.text
+        assert runner.connections == 1

@@ -1,0 +1,166 @@
+"""Header policy both ways: allow-lists to the runner, hop-by-hop and cookie removal back.
+Units on ``runner_mw.headers``, then through real HTTP for both routes."""
+
+from __future__ import annotations
+
+import pytest
+from mwfixtures import INDEX, SERVICE_TOKEN, Gateway
+
+from runner_mw.headers import (
+    ASSET_REQUEST_ALLOW,
+    EXECUTE_REQUEST_ALLOW,
+    HOP_BY_HOP,
+    connection_tokens,
+    environ_headers,
+    request_headers,
+    response_headers,
+)
+
+pytest_plugins = ["mwfixtures"]
+
+Q = "?tenant=t1"
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+
+def test_connection_tokens() -> None:
+    assert connection_tokens(None) == frozenset()
+    assert connection_tokens("") == frozenset()
+    assert connection_tokens("close") == {"close"}
+    assert connection_tokens(" Keep-Alive , X-Foo,,x-bar ") == {"keep-alive", "x-foo", "x-bar"}
+
+
+def test_environ_headers_names_are_lower_case_with_dashes() -> None:
+    environ = {"HTTP_X_FOO_BAR": "1", "HTTP_ACCEPT": "a", "CONTENT_TYPE": "text/x", "CONTENT_LENGTH": "3",
+               "PATH_INFO": "/", "wsgi.input": None}
+    assert sorted(environ_headers(environ)) == [("accept", "a"), ("content-type", "text/x"),
+                                                ("x-foo-bar", "1")]
+
+
+def test_request_headers_connection_listed_first_then_hop_by_hop_then_allow_list() -> None:
+    environ = {
+        "HTTP_CONNECTION": "close, Accept-Language", "HTTP_ACCEPT_LANGUAGE": "fr", "HTTP_ACCEPT": "*/*",
+        "HTTP_KEEP_ALIVE": "timeout=5", "HTTP_TE": "trailers", "HTTP_UPGRADE": "h2c",
+        "HTTP_TRANSFER_ENCODING": "chunked", "HTTP_PROXY_CONNECTION": "keep-alive",
+        "HTTP_PROXY_AUTHORIZATION": "Basic x", "HTTP_AUTHORIZATION": "Bearer x", "HTTP_COOKIE": "a=1",
+        "HTTP_X_RUNNER_SERVICE_TOKEN": "client", "HTTP_USER_AGENT": "ua", "HTTP_X_CUSTOM": "1",
+        "HTTP_TRACEPARENT": "tp", "HTTP_IF_NONE_MATCH": '"e"',
+    }
+    assert request_headers(environ, ASSET_REQUEST_ALLOW) == {
+        "accept": "*/*", "user-agent": "ua", "traceparent": "tp", "if-none-match": '"e"'}
+
+
+def test_request_headers_even_an_allowed_header_named_in_connection_is_dropped() -> None:
+    environ = {"HTTP_CONNECTION": "x-request-id", "HTTP_X_REQUEST_ID": "r", "HTTP_ACCEPT": "a"}
+    assert request_headers(environ, EXECUTE_REQUEST_ALLOW) == {"accept": "a"}
+
+
+def test_request_headers_prefix_and_control_characters() -> None:
+    environ = {"HTTP_X_ALGA_TENANT": "t", "HTTP_X_ALGA_EVIL": "a\r\nb", "HTTP_X_ALGAX": "no",
+               "HTTP_ACCEPT": "a\x00b", "CONTENT_TYPE": "application/json", "HTTP_X_ALGA_": "empty-name"}
+    got = request_headers(environ, EXECUTE_REQUEST_ALLOW, allow_prefix="x-alga-")
+    assert {k: v for k, v in got.items() if k != "x-alga-"} == {"x-alga-tenant": "t",
+                                                                 "content-type": "application/json"}
+
+
+def test_allow_lists_never_hold_credentials_or_hop_by_hop_names() -> None:
+    for allow in (ASSET_REQUEST_ALLOW, EXECUTE_REQUEST_ALLOW):
+        assert not allow & {"authorization", "cookie", "x-runner-service-token", "host",
+                            "proxy-authorization"}
+        assert not allow & HOP_BY_HOP
+    assert {"proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade"} <= HOP_BY_HOP
+
+
+def test_response_headers_drop_hops_cookies_and_server_set_ones() -> None:
+    upstream = [
+        ("Content-Type", "text/html"), ("Connection", "X-Hop, close"), ("X-Hop", "1"), ("Keep-Alive", "t=5"),
+        ("Transfer-Encoding", "chunked"), ("Set-Cookie", "a=1"), ("set-cookie", "b=2"), ("Server", "runner"),
+        ("Date", "today"), ("X-Request-Id", "runner-id"), ("Link", "</a>; rel=preload"),
+        ("Link", "</b>; rel=preload"), ("X-Bad", "a\r\nInjected: 1"), ("ETag", '"e"'), ("Trailer", "X-T"),
+        ("Upgrade", "h2c"), ("Proxy-Authenticate", "Basic"), ("Content-Length", "10"),
+    ]
+    assert response_headers(upstream) == [
+        ("Content-Type", "text/html"), ("Link", "</a>; rel=preload"), ("Link", "</b>; rel=preload"),
+        ("ETag", '"e"'), ("Content-Length", "10")]
+
+
+# -- through HTTP: assets ---------------------------------------------------------------------------
+
+CLIENT_HEADERS = {
+    "Accept": "text/html", "Accept-Encoding": "gzip, br", "Accept-Language": "de", "User-Agent": "browser/1",
+    "If-Modified-Since": "Wed, 21 Oct 2015 07:28:00 GMT", "Range": "bytes=0-10",
+    "Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "Tracestate": "v=1",
+    "Authorization": "Bearer user-token", "Cookie": "session=user-cookie", "X-Runner-Service-Token": "fake",
+    "Proxy-Authorization": "Basic x", "X-Forwarded-For": "1.2.3.4", "X-Forwarded-Host": "evil.example",
+    "Forwarded": "for=1.2.3.4", "X-Tenant-Id": "t2", "X-Alga-Tenant": "t2", "Origin": "https://x.example",
+    "Referer": "https://x.example/", "X-Custom": "1", "Keep-Alive": "timeout=1", "TE": "trailers",
+    "Upgrade": "websocket", "X-Request-Id": "asset-req-1",
+}
+
+
+def test_asset_requests_carry_only_allow_listed_headers(gateway: Gateway) -> None:
+    resp = gateway.get(INDEX + Q, headers=CLIENT_HEADERS)
+    assert resp.status_code == 200
+    got = gateway.runner.received[0].headers
+    assert set(got) == {"host", "accept", "accept-encoding", "accept-language", "user-agent",
+                        "if-modified-since", "range", "traceparent", "tracestate", "x-request-id",
+                        "x-runner-service-token"}
+    for name in ("accept", "accept-encoding", "accept-language", "user-agent", "if-modified-since", "range",
+                 "traceparent", "tracestate"):
+        assert got[name] == CLIENT_HEADERS[next(k for k in CLIENT_HEADERS if k.lower() == name)]
+    assert got["host"] == gateway.upstream_host  # from config, never the client's
+    assert got["x-runner-service-token"] == SERVICE_TOKEN
+    assert got["x-request-id"] == "asset-req-1"
+
+
+def test_asset_request_headers_named_in_connection_are_dropped(gateway: Gateway) -> None:
+    resp = gateway.raw("GET", INDEX + Q, [("Connection", "Accept-Language, Range"), ("Accept-Language", "de"),
+                                          ("Range", "bytes=0-1"), ("Accept", "text/html")])
+    assert resp.status == 200
+    got = gateway.runner.received[0].headers
+    assert "accept-language" not in got and "range" not in got and got["accept"] == "text/html"
+
+
+RUNNER_RESPONSE = [
+    ("Content-Type", "text/javascript"), ("Connection", "X-Hop-Secret"), ("X-Hop-Secret", "internal"),
+    ("Keep-Alive", "timeout=5"), ("Proxy-Connection", "keep-alive"), ("Upgrade", "h2c"),
+    ("Proxy-Authenticate", "Basic realm=x"), ("Set-Cookie", "runner=1"), ("Set-Cookie", "other=2"),
+    ("Server", "ext-runner/1.0"), ("X-Request-Id", "runner-own-id"), ("Link", "</a.js>; rel=preload"),
+    ("Link", "</b.css>; rel=preload"), ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'self'"), ("ETag", '"sha256-1"'), ("X-Kept", "yes"),
+]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_asset_responses_lose_hop_by_hop_connection_listed_and_cookies(gateway: Gateway,
+                                                                      chunked: bool) -> None:
+    gateway.runner.respond("/ext-ui/", 200, RUNNER_RESPONSE, b"let a = 1;", chunked=chunked)
+    resp = gateway.raw("GET", "/runner/ext-ui/x/h/app.js", [("X-Request-Id", "ours-1")])
+    assert resp.status == 200 and resp.body == b"let a = 1;"
+    names = {n.lower() for n in resp.headers}
+    for dropped in ("x-hop-secret", "keep-alive", "proxy-connection", "upgrade", "proxy-authenticate",
+                    "set-cookie", "trailer"):
+        assert dropped not in names, dropped
+    assert resp.headers.get_all("Link") == ["</a.js>; rel=preload", "</b.css>; rel=preload"]
+    assert resp.headers.get_all("X-Request-Id") == ["ours-1"]
+    assert resp.header("Server") != "ext-runner/1.0"
+    assert (resp.header("X-Kept"), resp.header("X-Content-Type-Options"), resp.header("ETag")) == (
+        "yes", "nosniff", '"sha256-1"')
+    assert resp.header("Content-Security-Policy") == "default-src 'self'"
+    assert "internal" not in str(resp.headers)
+
+
+# -- through HTTP: execute (the request side; the reply headers are all the gateway's) -------------
+
+
+def test_execute_requests_carry_only_allow_listed_headers(gateway: Gateway) -> None:
+    resp = gateway.execute(headers={**CLIENT_HEADERS, "X-Idempotency-Key": "k", "X-Alga-Tenant": "tenant-1"})
+    assert resp.status_code == 200
+    got = gateway.runner.received[0].headers
+    assert set(got) == {"host", "content-type", "content-length", "accept", "accept-encoding", "user-agent",
+                        "traceparent", "tracestate", "x-request-id", "x-idempotency-key", "x-alga-tenant",
+                        "x-alga-extension", "x-runner-service-token"}
+    assert got["x-runner-service-token"] == SERVICE_TOKEN and got["accept-encoding"] == "identity"
+    assert set(resp.headers) >= {"Content-Type", "Cache-Control", "X-Request-Id"}
+    assert "Set-Cookie" not in resp.headers
