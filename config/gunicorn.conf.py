@@ -34,3 +34,8 @@ graceful_timeout = timeout
 # runner_mw supports it (no thread or connection is made before the fork), but a broken file at
 # the first start then fails while importing the app, and code changes need USR2 in any case.
 preload_app = False
+
+# gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl):
+# two servers of the same user (tests, a demo beside a dev server) would take each other's.
+# Older versions ignore the setting. HUP/USR2/TERM work without it.
+control_socket_disable = True

@@ -5,7 +5,7 @@ hooks into your own config module::
 
     gunicorn -c config/gunicorn.conf.py myapp:app
     # or, in your own gunicorn.conf.py:
-    from runner_mw.gunicorn import *   # on_starting, post_worker_init, on_exit
+    from runner_mw.gunicorn import *   # on_starting, post_worker_init, child_exit, on_exit
 
 If your config defines one of these hooks itself, call ours from it
 (``runner_mw.gunicorn.on_starting(server)``, and so on). The file is
@@ -50,12 +50,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner_mw import metrics
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import config_from_mapping, load_config
 from runner_mw.snapshot import changed_keys
 
-__all__ = ["on_exit", "on_starting", "post_worker_init"]
+__all__ = ["child_exit", "on_exit", "on_starting", "post_worker_init"]
 
 CONFIG_ENV = "RUNNER_MW_CONFIG"
 DEFAULT_CONFIG = "config/runner.yaml"
@@ -122,6 +123,9 @@ def on_starting(server: Any) -> None:
             raise RuntimeError(f"runner_mw: {path}: cannot start: {type(exc).__name__}: {exc}") from exc
         raise
     _state_file, _master_pid, _master = master.state_file, os.getpid(), master
+    # Metrics: every worker writes to one private folder (inside the state folder, removed with
+    # it), so any worker's scrape shows the totals of all; set before the first fork.
+    metrics.setup_multiprocess(server, parent=state_dir)
     # The Arbiter dispatches a queued signal as getattr(self, "handle_" + name)(): an instance
     # attribute replaces the method that would restart every worker.
     server.handle_hup = master.handle_hup
@@ -136,6 +140,13 @@ def post_worker_init(worker: Any) -> None:
     # gunicorn leaves HUP at SIG_DFL in a worker, which would kill it (pkill -HUP, a HUP sent
     # to the process group). A Python handler (not SIG_IGN) is reset by exec in child processes.
     signal.signal(signal.SIGHUP, _ignore_hup)
+    if hasattr(worker, "tpool"):
+        # gthread's INT/QUIT handler calls tpool.shutdown() inside the signal handler: if the
+        # signal lands while the main thread holds the pool's lock (in submit()), the worker
+        # deadlocks until the master kills it after graceful_timeout (Ctrl-C hung ~60 s).
+        # Stop the way TERM does instead: leave the loop, let requests in flight finish.
+        signal.signal(signal.SIGINT, worker.handle_exit)
+        signal.signal(signal.SIGQUIT, worker.handle_exit)
     poller = worker_poller()
     if poller is None:
         return
@@ -147,10 +158,16 @@ def post_worker_init(worker: Any) -> None:
     poller.start()
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, when a worker died (any way, SIGKILL included): drop its live metric gauges."""
+    metrics.worker_exited(worker.pid)
+
+
 def on_exit(server: Any) -> None:
-    """Master, at shutdown: remove the state folder."""
+    """Master, at shutdown: remove the state folder (and the metrics folder)."""
     if _state_file is not None and os.getpid() == _master_pid:
         shutil.rmtree(os.path.dirname(_state_file), ignore_errors=True)
+    metrics.cleanup_multiprocess()  # a no-op unless setup_multiprocess made the folder here
 
 
 def _ignore_hup(signum: int, frame: Any) -> None:
