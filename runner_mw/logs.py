@@ -5,26 +5,77 @@ filter to runner_mw's loggers, and a stderr handler (text or JSON lines, per
 ``logging.format``) only when the host has configured no logging at all, so a
 host app's own logging setup is never overridden. Every secret the gateway
 knows (tokens, service tokens), and anything shaped like a bearer token, cookie
-or service-token header, is replaced by ``***`` in every record.
+or service-token header (``name: value`` lines, ``{'name': 'value'}`` reprs,
+``HTTP_COOKIE``-style environ keys), is replaced by ``***`` in every record:
+message, arguments, exception text and stack. ``bind_request(environ)`` adds the
+credentials of the request being handled on this thread (its Authorization,
+cookies, a client's service token), so that an exception quoting one of them
+(a host hook's, say) is redacted too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runner_mw.config import Config
 
 LOGGERS = ("runner_mw", "runner_mw.access", "runner_mw.reload")
+# Header names whose values are credentials, as written in headers (``-``) or environ keys (``_``).
+_NAMES = (r"(?:http_)?(?:cookie|set[-_]cookie2?|authorization|proxy[-_]authorization"
+          r"|x[-_]runner[-_]service[-_]token)")
 _SHAPES = re.compile(
-    r"(?i)(bearer\s+)[^\s,;\"']+"
-    r"|((?:cookie|set-cookie|authorization|x-runner-service-token)\s*[:=]\s*)[^\r\n]+"
+    # 'cookie': 'a=b' / "HTTP_AUTHORIZATION": "Bearer x" (a repr or JSON of headers or an environ)
+    r"(?i)(['\"]" + _NAMES + r"['\"]\s*:\s*)(['\"])(?:\\.|(?!\2).)*\2"
+    # cookie: a=b / authorization=Bearer x (header lines, key=value logs): to the end of the line
+    r"|((?<![\w-])" + _NAMES + r"\s*[:=]\s*)[^\r\n]+"
+    # Bearer credentials anywhere; Basic ones when they look like base64
+    r"|((?<![\w-])(?:bearer\s+|basic\s+(?=[A-Za-z0-9+/]{8,}=*))(?=[^\s,;\"']))[^\s,;\"']+"
 )
+
+
+def _hide(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        quote = match.group(2)
+        return f"{match.group(1)}{quote}***{quote}"
+    return (match.group(3) or match.group(4)) + "***"
+
+
+# The credentials of the request this thread (or task) handles now; see bind_request.
+_request_secrets: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "runner_mw_request_secrets", default=())
+_CREDENTIAL_KEYS = ("HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_X_RUNNER_SERVICE_TOKEN")
+
+
+def request_secrets(environ: Mapping[str, Any]) -> tuple[str, ...]:
+    """The credential values a request carries: Authorization (whole and without its
+    scheme), each cookie value, a client-sent service token. Values under 4 characters
+    are left out (redacting them would garble every line)."""
+    found: list[str] = []
+    for key in _CREDENTIAL_KEYS:
+        value = environ.get(key)
+        if isinstance(value, str) and value.strip():
+            found.append(value.strip())
+            found.append(value.strip().partition(" ")[2].strip())
+    cookie = environ.get("HTTP_COOKIE")
+    if isinstance(cookie, str):
+        found.append(cookie.strip())
+        for part in cookie.split(";"):
+            found.append(part.partition("=")[2].strip().strip('"'))
+    return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
+
+
+def bind_request(environ: Mapping[str, Any]) -> None:
+    """Redact this request's credentials in what is logged on this thread until the next
+    request (call it first thing for every request the gateway handles)."""
+    _request_secrets.set(request_secrets(environ))
 
 
 class Redactor(logging.Filter):
@@ -32,29 +83,41 @@ class Redactor(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: frozenset[str] = frozenset()
+        self._secrets: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
     def remember(self, secrets: set[str]) -> None:
         with self._lock:
             # Keep old ones too: a log line about the previous config may still come.
-            self._secrets = self._secrets | {s for s in secrets if s and len(s) >= 4}
+            known = set(self._secrets) | {s for s in secrets if s and len(s) >= 4}
+            self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
 
     def redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if secret in text:
-                text = text.replace(secret, "***")
-        return _SHAPES.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+        for secrets in (_request_secrets.get(), self._secrets):
+            for secret in secrets:
+                if secret in text:
+                    text = text.replace(secret, "***")
+        return _SHAPES.sub(_hide, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        if getattr(record, "_runner_mw_redacted", False):
+            return True  # a logger's filter and a handler's: once is enough
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format: keep what can be shown, redacted
+            message = f"{record.msg!s} {record.args!r}"
         clean = self.redact(message)
         if record.exc_info and record.exc_info[1] is not None:
             # Exception text may quote a value; keep the type and the redacted text only.
             record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         if clean != message or record.args:
             record.msg, record.args = clean, None
+        setattr(record, "_runner_mw_redacted", True)  # noqa: B010 - not a LogRecord attribute
         return True
 
 
@@ -73,6 +136,8 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = record.exc_text
         elif record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack"] = record.stack_info
         return json.dumps(doc, separators=(",", ":"))
 
 
@@ -90,7 +155,11 @@ def setup_logging(config: Config) -> None:
     """Redact this config's secrets; give runner_mw a handler if the host has none."""
     global _handler
     REDACTOR.remember(secrets_of(config))
-    for name in LOGGERS:
+    # Our named loggers, and any other runner_mw.* logger made so far: a logger's filters do
+    # not apply to records propagated from its children.
+    names = set(LOGGERS) | {n for n in list(logging.Logger.manager.loggerDict)
+                            if n.startswith("runner_mw.")}
+    for name in names:
         logger = logging.getLogger(name)
         if REDACTOR not in logger.filters:
             logger.addFilter(REDACTOR)
@@ -98,6 +167,7 @@ def setup_logging(config: Config) -> None:
     top = logging.getLogger("runner_mw")
     if _handler is None and not root.handlers and not top.handlers:
         _handler = logging.StreamHandler()
+        _handler.addFilter(REDACTOR)  # also covers runner_mw.* loggers made later
         top.addHandler(_handler)
         if top.level == logging.NOTSET:
             top.setLevel(logging.INFO)
