@@ -22,6 +22,8 @@ _BAD_ESCAPE = re.compile(r"%(2e|2f|5c|25|3b|[01][0-9a-f]|7f)", re.IGNORECASE)
 _MALFORMED_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
 # Characters refused anywhere in a path, raw or decoded.
 _BAD_CHARS = frozenset("\\;\x00\r\n\t\x7f ")
+# The same check as one scan: those characters and every other control character (< 0x20).
+_BAD_CHAR = re.compile(r"[\x00-\x20\x7f\\;]")
 # What a segment may hold after strict re-encoding (RFC 3986 pchar minus ';').
 _SAFE = "!$&'()*+,=:@-._~"
 
@@ -47,30 +49,35 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
     ``path_info`` is the decoded ``PATH_INFO`` (latin-1 per PEP 3333). Raises
     ``InvalidPath``. The returned segments are safe to re-encode with ``encode``.
     """
-    if any(ch in _BAD_CHARS for ch in path_info) or any(ord(ch) < 0x20 for ch in path_info):
+    if _BAD_CHAR.search(path_info):
         raise InvalidPath("forbidden character in path")
     decoded = path_info.split("/")[1:]
     raw = raw_path(environ)
     if raw is not None:
         if _BAD_ESCAPE.search(raw) or _MALFORMED_ESCAPE.search(raw):
             raise InvalidPath("encoded separator, dot, percent or control character")
-        if any(ch in _BAD_CHARS for ch in raw):
+        if _BAD_CHAR.search(raw):
             raise InvalidPath("forbidden character in raw path")
-        raw_segments = raw.split("/")[1:]
-        # PATH_INFO is the tail of the raw path (SCRIPT_NAME may come first); since no
-        # encoded slash got this far, segments map one to one.
-        if len(raw_segments) < len(decoded):
-            raise InvalidPath("raw path and PATH_INFO disagree")
-        tail = raw_segments[len(raw_segments) - len(decoded):]
-        for enc, dec in zip(tail, decoded, strict=True):
-            if unquote_to_bytes(enc).decode("latin-1") != dec:
+        # The common case, decided without splitting: nothing percent-encoded and PATH_INFO
+        # ("/..." so the match starts on a segment boundary) is the raw path or its tail.
+        if not ("%" not in raw and path_info[:1] == "/" and raw.endswith(path_info)):
+            raw_segments = raw.split("/")[1:]
+            # PATH_INFO is the tail of the raw path (SCRIPT_NAME may come first); since no
+            # encoded slash got this far, segments map one to one.
+            if len(raw_segments) < len(decoded):
                 raise InvalidPath("raw path and PATH_INFO disagree")
+            tail = raw_segments[len(raw_segments) - len(decoded):]
+            for enc, dec in zip(tail, decoded, strict=True):
+                if unquote_to_bytes(enc).decode("latin-1") != dec:
+                    raise InvalidPath("raw path and PATH_INFO disagree")
     segments = decoded[skip:]
     for i, seg in enumerate(segments):
         if seg in (".", ".."):
             raise InvalidPath("dot segment")
         if seg == "" and i != len(segments) - 1:
             raise InvalidPath("empty segment")
+        if seg.isascii():
+            continue  # ASCII is UTF-8
         try:
             # PEP 3333 hands us bytes as latin-1 text; the URL itself must be UTF-8.
             seg.encode("latin-1").decode("utf-8")
