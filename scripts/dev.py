@@ -74,7 +74,8 @@ def setup() -> None:
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools", "wheel"])
+    # setuptools < 81: Pyramid still imports pkg_resources, which 81 deprecates loudly.
+    run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=64,<81", "wheel"])
     run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"])
     stamp.write_text(want)
 
