@@ -28,12 +28,15 @@ class StreamedBody:
     """The WSGI iterable of a proxied asset. ``close()`` (the server always calls it, also
     when the client went away) releases the upstream connection, then ``done``."""
 
-    def __init__(self, upstream: AssetResponse, done: Callable[[bool], None]) -> None:
+    def __init__(self, upstream: AssetResponse, done: Callable[[bool], None], first: bytes = b"") -> None:
         self._upstream = upstream
         self._done = done
+        self._first = first
         self._complete = False
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._first:
+            yield self._first
         try:
             for chunk in self._upstream.chunks:
                 if chunk:
@@ -72,6 +75,14 @@ def handle_asset(
         done(exc.status)
         extra = [("Retry-After", "1")] if exc.status == 503 else []
         return error(start_response, exc.status, exc.code, rid, headers=extra)
+    try:
+        # Read the first chunk before answering: while nothing is sent, a runner that fails
+        # now still gets the client a JSON 502/504 (not the server's own 500 page).
+        first = next(upstream.chunks, b"")
+    except UpstreamError as exc:
+        upstream.close()
+        done(exc.status)
+        return error(start_response, exc.status, exc.code, rid)
     out = response_headers(upstream.headers)
     if not (200 <= upstream.status < 300 or upstream.status == 304):
         # The runner marks every reply immutable; an error page must not be cached.
@@ -86,7 +97,7 @@ def handle_asset(
         done(upstream.status)
         raise
     status = upstream.status
-    return StreamedBody(upstream, lambda complete: done(status if complete else 502))
+    return StreamedBody(upstream, lambda complete: done(status if complete else 502), first)
 
 
 def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...],

@@ -105,7 +105,7 @@ class Config:
         return self.backends[self.backend]
 
 
-SECRET_KEYS = frozenset({"service_token", "tokens"})
+from runner_mw.yaml_source import SECRET_KEYS  # noqa: E402 - one definition for both modules
 
 
 def redacted(data: Any) -> Any:

@@ -26,7 +26,7 @@ from runner_mw.assets import handle_asset
 from runner_mw.config import Config
 from runner_mw.execute import ExecuteHook, handle_execute
 from runner_mw.loader import config_from_mapping
-from runner_mw.logs import setup_logging
+from runner_mw.logs import bind_request, setup_logging
 from runner_mw.paths import InvalidPath, canonical_tail, encode
 from runner_mw.responses import error, json_response, request_id
 from runner_mw.snapshot import ReloadOutcome, SnapshotStore
@@ -108,6 +108,7 @@ class RunnerMiddleware:
 
     def _ours(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> Iterable[bytes]:
         started = time.monotonic()
+        bind_request(environ)  # this request's cookies and tokens are redacted from its log lines
         rid = request_id(environ)
         snap = self.store.current
         snap.enter()

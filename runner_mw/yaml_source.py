@@ -16,6 +16,9 @@ import yaml
 
 from runner_mw.errors import ConfigIssue
 
+#: Keys whose values are secrets (kept in step with runner_mw.config.SECRET_KEYS).
+SECRET_KEYS = frozenset({"service_token", "tokens"})
+
 Path = tuple[str | int, ...]
 #: Called with (key path, raw text, plain style?) for every string scalar value;
 #: returns the final value (or raises ``ValueError`` with a message).
@@ -114,6 +117,9 @@ class _Builder:
         return key
 
     def _issue(self, line: int, path: Path, message: str) -> None:
+        if any(part in SECRET_KEYS for part in path) and not message.startswith("environment variable "):
+            # Tag and ${...} errors quote the raw text: never for a secret (logs, terminals).
+            message = "the value (not shown: a secret) cannot be read: check its YAML tag and ${...} syntax"
         self.issues.append(ConfigIssue(self.file, line, dotted(path), message))
 
 
@@ -156,6 +162,6 @@ def _construct(constructor: yaml.SafeLoader, node: yaml.Node) -> Any:
     """Build one scalar; an unknown or failing tag (``!custom``, ``!!int abc``) is a ValueError."""
     try:
         return constructor.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+    except Exception as exc:  # PyYAML's constructors raise all sorts (KeyError for !!bool x, ...)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"cannot read value {node.value!r} ({node.tag}): {problem}") from None

@@ -247,8 +247,11 @@ class HTTPBackend(RunnerBackend):
     def health(self) -> dict[str, Any]:
         started = time.monotonic()
         try:
+            headers = dict(self._host_header)
+            if self.settings.service_token:  # an authenticating ingress guards /healthz too
+                headers["x-runner-service-token"] = self.settings.service_token
             resp = self.pool().urlopen("GET", self._base_path + "/healthz",
-                                       headers=dict(self._host_header), timeout=HEALTH_TIMEOUT,
+                                       headers=headers, timeout=HEALTH_TIMEOUT,
                                        retries=False, redirect=False, pool_timeout=self._pool_wait_s,
                                        assert_same_host=False)
         except Exception as exc:  # health never raises: it reports

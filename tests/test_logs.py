@@ -1,0 +1,270 @@
+"""Logs: JSON lines that parse, secrets redacted everywhere, the host's logging setup respected.
+
+Also checks the suite-wide guard of ``tests/conftest.py`` itself: a run in which a test secret
+reaches a log record fails, whatever its tests said.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mwfixtures import config_for
+from testsecrets import (
+    ALL,
+    TEST_CLIENT_BEARER,
+    TEST_CLIENT_SERVICE_TOKEN,
+    TEST_COOKIE,
+    TEST_PASSWORD,
+    TEST_SERVICE_TOKEN,
+    TEST_TOKEN,
+    TEST_TOKEN_2,
+    leaked_in,
+)
+
+from runner_mw.loader import config_from_mapping
+from runner_mw.logs import REDACTOR, JsonFormatter, bind_request, request_secrets, setup_logging
+
+pytest_plugins = ["mwfixtures", "pytester"]
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def configured(**sections: Any) -> Any:
+    return config_from_mapping(config_for("http://127.0.0.1:9",
+                                          upstream={"service_token": TEST_SERVICE_TOKEN},
+                                          access={"tokens": [TEST_TOKEN, TEST_TOKEN_2]}, **sections))
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """What runner_mw logs, through a JSON-lines handler of our own (DEBUG and up)."""
+    setup_logging(configured())
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("runner_mw")
+    logger.addHandler(handler)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+
+
+def lines(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_json_lines_parse_one_record_per_line(captured: io.StringIO) -> None:
+    log = logging.getLogger("runner_mw")
+    log.warning("two\nlines and \"quotes\" and é \u2028 %s", "arg")
+    try:
+        raise ValueError("inner problem")
+    except ValueError:
+        log.exception("it failed")
+    log.info("with a stack", stack_info=True)
+    docs = lines(captured)
+    assert len(docs) == 3
+    assert docs[0]["message"] == "two\nlines and \"quotes\" and é \u2028 arg"
+    assert docs[0]["level"] == "warning" and docs[0]["logger"] == "runner_mw"
+    assert docs[0]["time"].endswith("Z") and "T" in docs[0]["time"]
+    assert "ValueError: inner problem" in docs[1]["exception"]
+    assert "test_logs.py" in docs[2]["stack"]
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize("template", [
+    "Authorization: Bearer {b}",
+    "authorization=Bearer {b}",
+    "headers={{'authorization': 'Bearer {b}', 'cookie': 'sid={c}', 'x-runner-service-token': '{s}'}}",
+    'environ {{"HTTP_AUTHORIZATION": "Basic {b}", "HTTP_COOKIE": "sid={c}; x=1"}}',
+    "cookie: sid={c}; theme=dark",
+    "Set-Cookie: sid={c}; Path=/; HttpOnly",
+    "x-runner-service-token: {s}",
+    "HTTP_X_RUNNER_SERVICE_TOKEN={s}",
+    "bearer {b} in prose",
+    "proxy-authorization: Basic {b}",
+])
+def test_secret_shapes_are_redacted(captured: io.StringIO, template: str) -> None:
+    text = template.format(b=TEST_CLIENT_BEARER, c=TEST_COOKIE, s=TEST_CLIENT_SERVICE_TOKEN)
+    logging.getLogger("runner_mw").warning("seen: %s", text)
+    message = lines(captured)[0]["message"]
+    assert not leaked_in(message), message
+    assert "***" in message
+
+
+def test_known_secrets_are_redacted_in_message_args_exception_and_stack(captured: io.StringIO) -> None:
+    log = logging.getLogger("runner_mw.access")
+    log.info("token %s and %s and service %s", TEST_TOKEN, TEST_TOKEN_2, TEST_SERVICE_TOKEN)
+    try:
+        raise RuntimeError(f"the runner said no to {TEST_SERVICE_TOKEN}")
+    except RuntimeError:
+        logging.getLogger("runner_mw").exception("call failed for %r", {"t": TEST_TOKEN})
+    logging.getLogger("runner_mw.reload").error("reload %s", TEST_TOKEN, stack_info=True)
+    text = captured.getvalue()
+    assert not leaked_in(text), text
+    assert "RuntimeError: the runner said no to ***" in text
+
+
+def test_old_secrets_stay_redacted_after_a_reload(captured: io.StringIO) -> None:
+    setup_logging(config_from_mapping(config_for("http://127.0.0.1:9", access={"tokens": [TEST_PASSWORD]})))
+    logging.getLogger("runner_mw").warning("%s %s %s", TEST_TOKEN, TEST_PASSWORD, TEST_SERVICE_TOKEN)
+    assert not leaked_in(captured.getvalue())
+
+
+def test_other_runner_mw_loggers_are_redacted_too(captured: io.StringIO) -> None:
+    child = logging.getLogger("runner_mw.backends.plugin")  # not one of logs.LOGGERS
+    setup_logging(configured())  # the next config (a reload) covers loggers made since
+    child.warning("plugin saw %s", TEST_TOKEN)
+    assert not leaked_in(captured.getvalue()), captured.getvalue()
+
+
+def test_bound_request_credentials_are_redacted(captured: io.StringIO) -> None:
+    environ = {"HTTP_AUTHORIZATION": f"Bearer {TEST_CLIENT_BEARER}", "HTTP_COOKIE": f"a=1; sid={TEST_COOKIE}",
+               "HTTP_X_RUNNER_SERVICE_TOKEN": TEST_CLIENT_SERVICE_TOKEN}
+    assert set(request_secrets(environ)) >= {TEST_CLIENT_BEARER, TEST_COOKIE, TEST_CLIENT_SERVICE_TOKEN}
+
+    def handle() -> None:
+        bind_request(environ)
+        try:
+            raise RuntimeError(f"failed: {TEST_CLIENT_BEARER} {TEST_COOKIE} {TEST_CLIENT_SERVICE_TOKEN}")
+        except RuntimeError:
+            logging.getLogger("runner_mw").exception("hook failed")
+
+    contextvars.copy_context().run(handle)  # as a server thread would: this test's context stays clean
+    text = captured.getvalue()
+    assert "failed: ***" in text and not leaked_in(text), text
+
+
+HOOK_SCRIPT = """
+import logging, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+logging.basicConfig(level=logging.DEBUG, format="%(name)s %(message)s")
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+logging.getLogger("runner_mw.devrunner").setLevel(logging.WARNING)
+from mwfixtures import running_gateway
+from runner_mw import RunnerMiddleware, logs
+
+if {bind!r}:  # what the middleware should do first for each request of its own
+    ours = RunnerMiddleware._ours
+    def _ours(self, environ, start_response, path):
+        logs.bind_request(environ)
+        return ours(self, environ, start_response, path)
+    RunnerMiddleware._ours = _ours
+
+def hook(environ, envelope):
+    keys = ("HTTP_AUTHORIZATION", "HTTP_COOKIE", "HTTP_X_RUNNER_SERVICE_TOKEN")
+    raise RuntimeError("session lookup failed: " + " ".join(environ.get(k, "") for k in keys))
+
+with running_gateway("docker", execute_hook=hook, upstream={{"service_token": {svc!r}}},
+                     access={{"tokens": [{tok!r}]}}) as gw:
+    resp = gw.execute(headers={{"Authorization": "Bearer " + {tok!r}, "Cookie": "sid=" + {cookie!r},
+                               "X-Runner-Service-Token": {client!r}}})
+    print(resp.status_code, resp.text)
+"""
+
+
+def run_hook_script(bind: bool) -> str:
+    code = HOOK_SCRIPT.format(repo=str(REPO), tests=str(TESTS), bind=bind, svc=TEST_SERVICE_TOKEN,
+                              tok=TEST_TOKEN, cookie=TEST_COOKIE, client=TEST_CLIENT_SERVICE_TOKEN)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("500 ") and "internal_error" in proc.stdout
+    assert not leaked_in(proc.stdout)  # the client never sees exception text
+    assert "session lookup failed" in proc.stderr  # the log keeps what helps, redacted
+    return proc.stderr
+
+
+def test_a_bound_request_redacts_a_host_hooks_exception_end_to_end() -> None:
+    # In a subprocess: the session guard of conftest.py must not see the unredacted variant below.
+    stderr = run_hook_script(bind=True)
+    assert not leaked_in(stderr), stderr
+
+
+def test_the_middleware_redacts_a_host_hooks_exception_quoting_credentials() -> None:
+    stderr = run_hook_script(bind=False)
+    assert not leaked_in(stderr), [line for line in stderr.splitlines() if leaked_in(line)]
+
+
+def test_redaction_does_not_eat_ordinary_words() -> None:
+    for text in ("unauthorized: no credentials", "basic check failed", "cookies are dropped",
+                 "reload result=ok changed=upstream.service_token (secret)"):
+        assert REDACTOR.redact(text) == text
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=False)
+
+
+SETUP = f"""
+    import logging
+    from runner_mw.loader import config_from_mapping
+    from runner_mw.logs import setup_logging
+    config = config_from_mapping({{"version": 1, "backend": "a", "backends": {{"a": {{"kind": "docker",
+        "url": "http://127.0.0.1:9"}}}}, "upstream": {{"service_token": "{TEST_SERVICE_TOKEN}"}},
+        "logging": {{"format": "json"}}}})
+"""
+
+
+def test_a_stderr_handler_only_when_the_host_has_none() -> None:
+    alone = python(SETUP + f"""
+    setup_logging(config)
+    setup_logging(config)  # a reload: still one handler
+    logging.getLogger("runner_mw").info("hello %s", "{TEST_SERVICE_TOKEN}")
+    logging.getLogger("runner_mw.later").warning("child made after setup: %s", "{TEST_SERVICE_TOKEN}")
+    """)
+    assert alone.returncode == 0, alone.stderr
+    docs = [json.loads(line) for line in alone.stderr.splitlines()]
+    assert [d["message"] for d in docs] == ["hello ***", "child made after setup: ***"]
+
+    hosted = python(SETUP + f"""
+    logging.basicConfig(level=logging.INFO, format="HOST %(name)s %(message)s")
+    setup_logging(config)
+    logging.getLogger("runner_mw").info("hello %s", "{TEST_SERVICE_TOKEN}")
+    assert logging.getLogger("runner_mw").handlers == []
+    """)
+    assert hosted.returncode == 0, hosted.stderr
+    assert hosted.stderr.splitlines() == ["HOST runner_mw hello ***"]  # the host's format, once
+
+
+# --------------------------------------------------------------------------- the suite-wide guard
+
+
+def test_the_session_guard_fails_a_run_that_logs_a_secret(pytester: pytest.Pytester) -> None:
+    for name in ("conftest.py", "testsecrets.py"):
+        (pytester.path / name).write_text((TESTS / name).read_text(encoding="utf-8"), encoding="utf-8")
+    pytester.makepyfile(test_leak=f"""
+        import logging
+        def test_clean():
+            logging.getLogger("runner_mw").warning("nothing to see")
+        def test_leaky():
+            logging.getLogger("someapp").error("oops %s", "{ALL[0]}")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*SECRETS IN LOGS*", "*test_leak.py::test_leaky*testsecrets.TEST_TOKEN*"])
+    result.assert_outcomes(passed=2)
+
+    (pytester.path / "test_leak.py").unlink()
+    fine = "import logging\n\ndef test_fine():\n    logging.getLogger('x').error('ok')\n"
+    pytester.makepyfile(test_fine=fine)
+    assert pytester.runpytest_subprocess("-p", "no:cacheprovider").ret == pytest.ExitCode.OK

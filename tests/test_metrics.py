@@ -1,0 +1,424 @@
+"""Metrics: counters move with requests; access rule; multiprocess totals under real gunicorn.
+
+In-process: the counters and the histogram move by exactly the requests made, the in-flight gauge
+counts what is in flight, ``metrics.enabled: false`` is a 404, the status access rule applies.
+Multiprocess mode is checked in a subprocess (prometheus-client imported and metric objects made
+*before* ``setup_multiprocess``, as with gunicorn's ``preload_app``, then forked children) and
+under a real gunicorn with two workers: every scrape, whichever worker answers, shows the totals
+of both; a worker killed with SIGKILL while a request is in flight leaves no live gauge behind
+and loses no count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from mwfixtures import INDEX, envelope, reply_envelope, running_gateway, send, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from standin import StandinRunner
+from testsecrets import TEST_SERVICE_TOKEN, TEST_TOKEN, leaked_in
+
+pytest_plugins = ["mwfixtures"]
+
+REPO = Path(__file__).resolve().parent.parent
+T = 60.0
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` with these labels in a metrics page."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def scrape(base: str, **headers: str) -> str:
+    resp = send("GET", base + "/runner/-/metrics", headers={"Connection": "close", **headers})
+    assert resp.status_code == 200, (resp.status_code, resp.text[:300])
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert resp.headers["Cache-Control"] == "no-store" and resp.headers["X-Request-Id"]
+    return resp.text
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def test_counters_and_histogram_move_with_requests() -> None:
+    with running_gateway("docker", upstream={"service_token": TEST_SERVICE_TOKEN}) as gw:
+        labels = {"route": "execute", "backend": "main"}
+        before = scrape(gw.url)
+        for _ in range(5):
+            assert gw.execute().status_code == 200
+        for _ in range(2):
+            assert gw.execute(b"{broken").status_code == 400
+        assert gw.get(INDEX + "?tenant=t1").status_code == 200
+        after = scrape(gw.url)
+        delta = {s: value(after, "runner_mw_requests_total", status=s, **labels)
+                 - value(before, "runner_mw_requests_total", status=s, **labels) for s in ("200", "400")}
+        assert delta == {"200": 5, "400": 2}
+        assert (value(after, "runner_mw_upstream_seconds_count", **labels)
+                - value(before, "runner_mw_upstream_seconds_count", **labels)) == 7
+        assert (value(after, "runner_mw_requests_total", route="asset", status="200", backend="main")
+                - value(before, "runner_mw_requests_total", route="asset", status="200", backend="main")) >= 1
+        assert value(after, "runner_mw_config_generation") >= 1
+
+
+def test_inflight_counts_what_is_in_flight() -> None:
+    with running_gateway("docker") as gw:
+        gw.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply_envelope(),
+                          delay=1.0)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(gw.execute)
+            gw.runner.wait_for(1)
+            # The scrape itself is in flight while the page is made: 1 + the slow call.
+            assert value(scrape(gw.url), "runner_mw_inflight_requests") == 2
+            assert slow.result().status_code == 200
+        assert value(scrape(gw.url), "runner_mw_inflight_requests") == 1
+
+
+def test_disabled_metrics_are_404_and_do_not_count() -> None:
+    import prometheus_client
+
+    def count() -> float:
+        return prometheus_client.REGISTRY.get_sample_value(
+            "runner_mw_requests_total", {"route": "execute", "backend": "main", "status": "200"}) or 0.0
+
+    with running_gateway("docker", metrics={"enabled": False}) as gw:
+        before = count()
+        assert gw.execute().status_code == 200
+        resp = gw.get("/runner/-/metrics")
+        assert resp.status_code == 404
+        assert resp.json()["error"] == "not_found" and resp.headers["X-Request-Id"]
+        assert count() == before
+
+
+@pytest.mark.parametrize("access", [
+    {"trusted_proxies": ["127.0.0.1/32"], "networks": ["127.0.0.1/32"], "tokens": [TEST_TOKEN]},
+    {"networks": []},
+], ids=["forwarded-for-through-a-trusted-proxy", "token-less-and-no-network"])
+def test_metrics_follow_the_status_access_rule(access: dict[str, Any]) -> None:
+    outside = {"X-Forwarded-For": "203.0.113.7"}
+    with running_gateway("docker", access=access) as gw:
+        refused = [outside, {**outside, "Authorization": f"Bearer {TEST_TOKEN}x"}]
+        if not access.get("tokens"):  # no token is ever accepted, and loopback is not a network
+            refused += [{}, {"Authorization": f"Bearer {TEST_TOKEN}"}]
+        for headers in refused:
+            resp = gw.get("/runner/-/metrics", headers=headers)
+            assert resp.status_code == 401, resp.text
+            assert resp.json()["error"] == "unauthorized"
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "runner_mw_" not in resp.text
+        if access.get("tokens"):
+            resp = gw.get("/runner/-/metrics", headers={**outside, "Authorization": f"Bearer {TEST_TOKEN}"})
+            assert resp.status_code == 200 and "runner_mw_requests_total" in resp.text
+
+
+# --------------------------------------------------------------------------- multiprocess, forked
+
+
+FORKED = textwrap.dedent("""
+    import json, os, stat, sys
+    import runner_mw.metrics as m          # imports prometheus_client: single-process values now
+    from prometheus_client import values
+    assert not values.ValueClass._multiprocess and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    m.observe("execute", "b", 200, 0.1)    # metric objects made before the switch (preload_app)
+    path = m.setup_multiprocess()
+    assert m.setup_multiprocess() == path  # twice is once
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == path and stat.S_IMODE(os.stat(path).st_mode) == 0o700
+
+    class Snap:
+        generation = 3
+        class config:
+            metrics_enabled = True
+
+    def page():
+        out = []
+        status, body = m.render(lambda s, h: out.append(s), Snap(), "rid")
+        return b"".join(body).decode()
+
+    kids = []
+    for n in (3, 4):
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(n):
+                m.observe("execute", "b", 200, 0.01)
+            m.inflight(1)                  # and dies with a request in flight
+            os._exit(0)
+        kids.append(pid)
+    for pid in kids:
+        os.waitpid(pid, 0)
+    before = page()
+    for pid in kids:
+        m.worker_exited(pid)
+    after = page()
+    live = sorted(f for f in os.listdir(path) if f.startswith("gauge_livesum"))
+    m.cleanup_multiprocess()
+    print(json.dumps({"path": path, "before": before, "after": after, "live": live,
+                      "kids": kids, "removed": not os.path.exists(path)}))
+""")
+
+
+def run_python(code: str, env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
+                          env={**env, "PYTHONPATH": str(REPO)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "MULTIPROC" not in k.upper()
+           and k != "RUNNER_MW_METRICS_DIR_OWNER"}
+    env["TMPDIR"] = str(tmp_path)
+    return env
+
+
+def test_multiprocess_mode_after_an_early_import_and_forks(tmp_path: Path) -> None:
+    out = run_python(FORKED, clean_env(tmp_path))
+    assert Path(out["path"]).parent == tmp_path
+    before, after = out["before"], out["after"]
+    # Both children's counts, from the parent: 7, not the 1 made before the switch.
+    assert value(before, "runner_mw_requests_total", route="execute", backend="b", status="200") == 7
+    assert value(before, "runner_mw_inflight_requests") == 2  # not yet known dead
+    assert value(after, "runner_mw_inflight_requests") == 0
+    assert value(after, "runner_mw_requests_total", route="execute", backend="b", status="200") == 7
+    assert value(after, "runner_mw_config_generation") == 3
+    assert not any(str(pid) in name for pid in out["kids"] for name in out["live"])
+    assert out["removed"]
+
+
+def test_an_operators_folder_is_kept_and_an_inherited_private_one_replaced(tmp_path: Path) -> None:
+    mine = tmp_path / "operator"
+    mine.mkdir()
+    code = textwrap.dedent("""
+        import json, os
+        import runner_mw.metrics as m
+        first = m.setup_multiprocess()
+        m.cleanup_multiprocess()
+        # As after a USR2 re-exec: the variables of another master's private folder.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = "/nonexistent/old"
+        os.environ["RUNNER_MW_METRICS_DIR_OWNER"] = "1:/nonexistent/old"
+        second = m.setup_multiprocess()
+        m.cleanup_multiprocess()
+        print(json.dumps({"first": first, "second": second, "second_gone": not os.path.exists(second)}))
+    """)
+    out = run_python(code, {**clean_env(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(mine)})
+    assert out["first"] == str(mine) and mine.is_dir()  # used as is, never removed
+    assert out["second"] != "/nonexistent/old" and Path(out["second"]).parent == tmp_path
+    assert out["second_gone"]
+
+
+# --------------------------------------------------------------------------- real gunicorn
+
+APP = """\
+import os
+from runner_mw import RunnerMiddleware
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"hello"]
+
+application = RunnerMiddleware(hello, os.environ["RUNNER_MW_CONFIG"])
+"""
+
+# The shipped gunicorn config; when runner_mw.gunicorn does not call the metrics hooks yet, they
+# are added here the way runner_mw/gunicorn.py is meant to call them.
+CONF = f"""\
+exec(compile(open({str(REPO / "config" / "gunicorn.conf.py")!r}).read(), "gunicorn.conf.py", "exec"))
+import runner_mw.gunicorn as _hooks
+from runner_mw import metrics as _metrics
+
+if not hasattr(_hooks, "child_exit"):
+    def on_starting(server):
+        _metrics.setup_multiprocess(server)
+        _hooks.on_starting(server)
+
+    def child_exit(server, worker):
+        _metrics.worker_exited(worker.pid)
+
+    def on_exit(server):
+        _hooks.on_exit(server)
+        _metrics.cleanup_multiprocess()
+
+workers = 2
+threads = 4
+"""
+
+CONFIG = """\
+version: 1
+backend: docker
+backends:
+  docker:
+    kind: docker
+    url: {url}
+timeouts: {{connect_ms: 2000, read_ms: 10000}}
+upstream:
+  service_token: ${{RUNNER_SERVICE_TOKEN}}
+access:
+  networks: [127.0.0.1/32]
+  tokens: [{{file: token.txt}}]
+logging:
+  format: json
+"""
+
+
+class Server:
+    def __init__(self, tmp_path: Path, runner_url: str, preload: bool) -> None:
+        self.dir = tmp_path
+        self.tmpdir = tmp_path / "tmp"
+        self.tmpdir.mkdir()
+        (tmp_path / "app_mod.py").write_text(APP, encoding="utf-8")
+        (tmp_path / "gconf.py").write_text(CONF, encoding="utf-8")
+        (tmp_path / "token.txt").write_text(TEST_TOKEN + "\n", encoding="utf-8")
+        self.config = tmp_path / "runner.yaml"
+        self.config.write_text(CONFIG.format(url=runner_url), encoding="utf-8")
+        self.log = tmp_path / "gunicorn.log"
+        args = [sys.executable, "-m", "gunicorn", "-c", str(tmp_path / "gconf.py"),
+                "--bind", "127.0.0.1:0", "--log-level", "info", "app_mod:application"]
+        if preload:
+            args.insert(-1, "--preload")
+        env = {k: v for k, v in os.environ.items() if "MULTIPROC" not in k.upper()}
+        env.update({"RUNNER_MW_CONFIG": str(self.config), "TMPDIR": str(self.tmpdir),
+                    "XDG_RUNTIME_DIR": str(self.tmpdir), "RUNNER_SERVICE_TOKEN": TEST_SERVICE_TOKEN,
+                    "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])})
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        found = wait_until(lambda: re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.text())
+                           or self.proc.poll() is not None, timeout=T, what="gunicorn to listen")
+        assert self.proc.poll() is None, self.text()
+        self.base = f"http://127.0.0.1:{found.group(1)}"
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def workers(self) -> set[int]:
+        kids = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid:
+                    kids.add(int(stat.parent.name))
+        return kids
+
+    def metrics_dir(self) -> Path:
+        found = list(self.tmpdir.glob("**/runner-mw-metrics-*"))
+        assert len(found) == 1, found
+        return found[0]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(T)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(T)
+
+
+@contextlib.contextmanager
+def gunicorn(tmp_path: Path, runner_url: str, preload: bool) -> Iterator[Server]:
+    server = Server(tmp_path, runner_url, preload)
+    try:
+        wait_until(lambda: len(server.workers()) == 2, timeout=T, what="two workers")
+        wait_until(lambda: _ok(server.base + "/runner/-/healthz"), timeout=T, what="a worker to answer")
+        yield server
+    finally:
+        server.stop()
+
+
+def _ok(url: str) -> bool:
+    with contextlib.suppress(requests.RequestException):
+        return send("GET", url, headers={"Connection": "close"}).status_code == 200
+    return False
+
+
+def per_pid(folder: Path, prefix: str, name: str) -> dict[int, float]:
+    """A metric's value in each process's file of the multiprocess folder."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    out: dict[int, float] = {}
+    for file in folder.glob(f"{prefix}_*.db"):
+        pid = int(file.stem.rsplit("_", 1)[1])
+        for key, val, _ts, _pos in MmapedDict.read_all_values_from_file(str(file)):
+            if json.loads(key)[1] == name:
+                out[pid] = out.get(pid, 0.0) + val
+    return out
+
+
+def post_ignoring_errors(base: str) -> None:
+    with contextlib.suppress(requests.RequestException):  # its worker is killed under it
+        send("POST", base + "/v1/execute", json=envelope(), timeout=T)
+
+
+def execute_ok(base: str) -> None:
+    resp = send("POST", base + "/v1/execute", json=envelope(), headers={"Connection": "close"})
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system")
+@pytest.mark.parametrize("preload", [False, True], ids=["app-per-worker", "preload_app"])
+def test_totals_across_gunicorn_workers_and_a_killed_one(tmp_path: Path, preload: bool) -> None:
+    labels = {"route": "execute", "backend": "docker", "status": "200"}
+    with StandinRunner(name="metrics") as runner, gunicorn(tmp_path, runner.url, preload) as server:
+        folder = server.metrics_dir()
+        n = 0
+        # New connections, some concurrent, until both workers have served executes.
+        with ThreadPoolExecutor(6) as pool:
+            deadline = time.monotonic() + T
+            while True:
+                list(pool.map(lambda _: execute_ok(server.base), range(12)))
+                n += 12
+                served = per_pid(folder, "counter", "runner_mw_requests_total")
+                if len([p for p, v in served.items() if v > 0]) >= 2 or time.monotonic() > deadline:
+                    break
+        assert len([p for p, v in served.items() if v > 0]) >= 2, served
+        for _ in range(6):  # each scrape may be answered by either worker: the same totals
+            assert value(scrape(server.base), "runner_mw_requests_total", **labels) == n
+
+        # A request in flight on one worker, then SIGKILL that worker.
+        runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply_envelope(),
+                       delay=30)
+        stuck = threading.Thread(target=post_ignoring_errors, args=(server.base,), daemon=True)
+        stuck.start()
+        busy = wait_until(lambda: [p for p, v in per_pid(folder, "gauge_livesum",
+                                                          "runner_mw_inflight_requests").items() if v > 0],
+                          timeout=T, what="the slow request in flight")
+        assert value(scrape(server.base), "runner_mw_inflight_requests") == 2  # it + the scrape
+        victim = busy[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in server.workers() and len(server.workers()) == 2, timeout=T,
+                   what="the killed worker to be replaced")
+        runner.reset()
+        wait_until(lambda: _ok(server.base + "/runner/-/healthz"), timeout=T, what="workers to answer")
+        assert not (folder / f"gauge_livesum_{victim}.db").exists()  # its live gauge is gone
+        assert (folder / f"counter_{victim}.db").exists()  # its counts are kept
+        for _ in range(6):
+            page = scrape(server.base)
+            assert value(page, "runner_mw_inflight_requests") == 1  # only the scrape itself
+            assert value(page, "runner_mw_requests_total", **labels) == n  # nothing lost
+        stuck.join(T)
+    assert not folder.exists(), "the private metrics folder is removed at exit"
+    log = server.text()
+    assert not leaked_in(log), "a test secret in gunicorn's output"
+    json_lines = [line for line in log.splitlines() if line.startswith("{")]
+    assert json_lines, "logging.format json: runner_mw's lines are JSON"
+    for line in json_lines:
+        doc = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(doc)
