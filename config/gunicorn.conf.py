@@ -9,7 +9,7 @@
 # https://docs.gunicorn.org/en/stable/settings.html
 import os
 
-from runner_mw.gunicorn import *  # noqa: F403 - the hooks: on_starting, post_worker_init, on_exit
+from runner_mw.gunicorn import *  # noqa: F403 - the hooks: on_starting, post_worker_init, child_exit, on_exit
 from runner_mw.gunicorn import worker_timeout
 
 bind = os.environ.get("RUNNER_MW_BIND", "127.0.0.1:8000")

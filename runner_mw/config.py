@@ -105,7 +105,7 @@ class Config:
         return self.backends[self.backend]
 
 
-from runner_mw.yaml_source import SECRET_KEYS  # noqa: E402 - one definition for both modules
+from runner_mw.yaml_source import SECRET_KEYS as SECRET_KEYS  # noqa: E402 - one definition for both
 
 
 def redacted(data: Any) -> Any:

@@ -55,6 +55,9 @@ from runner_mw.headers import HOP_BY_HOP
 from runner_mw.loader import config_from_text, load_config
 from runner_mw.paths import InvalidPath, canonical_tail, encode
 
+# A failing example with a 40 KB header has a big repr: report it rather than warn about it.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 LONG = os.environ.get("RUNNER_MW_FUZZ_LONG") == "1"
 settings.register_profile(
     "runner_mw-fuzz", deadline=None, database=None, print_blob=True,
@@ -169,17 +172,20 @@ def exchange(fz: Fuzzed, method: str, target: bytes, headers: list[tuple[bytes, 
     with fz.lock:
         environ = fz.seen.pop(fid, None)
     received = fz.runner.received
-    check(fz, answer, environ, received)
+    # A CR or LF inside the target or a header cuts the head where the server sees it: what
+    # follows may be parsed as another request (or an HTTP/0.9 one) without our X-Fuzz-Id.
+    cut = any(b"\r" in part or b"\n" in part for part in [target, *(n + v for n, v in headers or [])])
+    check(fz, answer, environ, received, cut)
     return answer, environ, received
 
 
 def check(fz: Fuzzed, answer: Answer | None, environ: dict[str, Any] | None,
-          received: list[Received]) -> None:
+          received: list[Received], cut: bool = False) -> None:
     """The properties every fuzzed exchange must keep (see the module docstring)."""
     for r in received:
         check_forwarded(r, environ)
     if environ is None or answer is None:
-        assert not received or environ is not None, "the runner got a request the middleware never saw"
+        assert cut or not received or environ is not None, "the runner got a request the middleware never saw"
         # The middleware had it: only an HTTP/0.9 request (a line cut by CR/LF) gets no status line.
         assert environ is None or environ.get("SERVER_PROTOCOL") == "HTTP/0.9", "no answer"
         return
@@ -310,7 +316,15 @@ def header_lists(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
         out.append((name.encode("latin-1"), value.encode("latin-1")))
     if draw(st.booleans()) and out:  # duplicates
         out.append(draw(st.sampled_from(out)))
-    return out
+    # Servers join repeated headers into one line: keep each under the stand-in's own 64 KiB line
+    # limit, or it refuses the request (431) before recording it and the check cannot tell.
+    kept, size = [], {}
+    for name, value in out:
+        key = name.lower().strip()
+        if size.get(key, 0) + len(value) + 2 < 60_000:
+            size[key] = size.get(key, 0) + len(value) + 2
+            kept.append((name, value))
+    return kept
 
 
 ROUTES = st.sampled_from([
