@@ -115,6 +115,8 @@ class HTTPBackend(RunnerBackend):
         self._connect_s = settings.timeouts.connect_ms / 1000
         self._read_s = settings.timeouts.read_ms / 1000
         self._pool_wait_s = settings.pool_wait_ms / 1000
+        # Made once: urllib3 clones it per request anyway (Timeout objects are immutable to us).
+        self._timeout = urllib3.Timeout(connect=self._connect_s, read=self._read_s)
         # The Host header routes through a Knative ingress; otherwise urllib3 sends the URL's.
         self._host_header = {"host": settings.host} if settings.host else {}
         self._lock = threading.Lock()
@@ -133,7 +135,7 @@ class HTTPBackend(RunnerBackend):
                 kwargs: dict[str, Any] = {
                     "maxsize": self.settings.pool_size,
                     "block": True,  # a bounded pool: waiting callers queue, then 503
-                    "timeout": urllib3.Timeout(connect=self._connect_s, read=self._read_s),
+                    "timeout": self._timeout,
                     "retries": False,
                 }
                 if self.settings.url.startswith("https:"):
@@ -183,7 +185,7 @@ class HTTPBackend(RunnerBackend):
         try:
             with mapped_errors():
                 resp = self._urlopen("POST", "/v1/execute", body, headers,
-                                     urllib3.Timeout(connect=self._connect_s, read=self._read_s))
+                                     self._timeout)
                 try:
                     data = self._read_capped(resp, _call.deadline)
                 except BaseException:
@@ -228,7 +230,7 @@ class HTTPBackend(RunnerBackend):
         target = "/" + path + ("?" + _STRAY_PERCENT.sub("%25", query) if query else "")
         with mapped_errors():
             resp = self._urlopen(method, target, None, headers,
-                                 urllib3.Timeout(connect=self._connect_s, read=self._read_s))
+                                 self._timeout)
         return AssetResponse(
             status=resp.status,
             headers=list(resp.headers.items()),
