@@ -105,7 +105,8 @@ class Config:
         return self.backends[self.backend]
 
 
-from runner_mw.yaml_source import SECRET_KEYS as SECRET_KEYS  # noqa: E402 - one definition for both
+#: Keys whose values are secrets: never logged, echoed in errors or re-read as YAML.
+SECRET_KEYS = frozenset({"service_token", "tokens"})
 
 
 def redacted(data: Any) -> Any:

@@ -83,7 +83,7 @@ def reread_scalar(text: str) -> Any:
 
 
 def resolve_files(data: Any, base_dir: Path, path: KeyPath = (),
-                  secret_keys: frozenset[str] = frozenset({"service_token", "tokens"}),
+                  secret_keys: frozenset[str] = frozenset(),
                   ) -> tuple[Any, list[tuple[KeyPath, str]]]:
     """Replace each ``{file: PATH}`` mapping under a secret key by the file's text (one
     trailing newline stripped); elsewhere it is left for the schema to refuse.

@@ -75,7 +75,7 @@ def config_from_text(
         secret = any(part in c.SECRET_KEYS for part in path)
         return interpolate_scalar(value, plain and not secret, environ)
 
-    data, lines, issues = load_yaml(text, file, on_scalar)
+    data, lines, issues = load_yaml(text, file, on_scalar, c.SECRET_KEYS)
     if issues:
         raise ConfigError(issues)
     if data is None:
@@ -131,7 +131,7 @@ class _Issues:
 def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_dir: Path,
               sha256: str) -> c.Config:
     issues = _Issues(file, lines)
-    data, file_problems = resolve_files(data, base_dir)
+    data, file_problems = resolve_files(data, base_dir, secret_keys=c.SECRET_KEYS)
     for path, message in file_problems:
         issues.add(path, message)
     _schema_issues(Validator(main_schema()), data, (), issues)

@@ -16,9 +16,6 @@ import yaml
 
 from runner_mw.errors import ConfigIssue
 
-#: Keys whose values are secrets (kept in step with runner_mw.config.SECRET_KEYS).
-SECRET_KEYS = frozenset({"service_token", "tokens"})
-
 Path = tuple[str | int, ...]
 #: Called with (key path, raw text, plain style?) for every string scalar value;
 #: returns the final value (or raises ``ValueError`` with a message).
@@ -55,7 +52,8 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 class _Builder:
-    def __init__(self, file: str, on_scalar: ScalarHook | None) -> None:
+    def __init__(self, file: str, on_scalar: ScalarHook | None, secret_keys: frozenset[str]) -> None:
+        self.secret_keys = secret_keys
         self.file = file
         self.on_scalar = on_scalar
         self.lines: dict[Path, int] = {}
@@ -117,16 +115,19 @@ class _Builder:
         return key
 
     def _issue(self, line: int, path: Path, message: str) -> None:
-        if any(part in SECRET_KEYS for part in path) and not message.startswith("environment variable "):
+        if any(part in self.secret_keys for part in path) and not message.startswith("environment variable "):
             # Tag and ${...} errors quote the raw text: never for a secret (logs, terminals).
             message = "the value (not shown: a secret) cannot be read: check its YAML tag and ${...} syntax"
         self.issues.append(ConfigIssue(self.file, line, dotted(path), message))
 
 
 def load_yaml(
-    text: str, file: str, on_scalar: ScalarHook | None = None
+    text: str, file: str, on_scalar: ScalarHook | None = None,
+    secret_keys: frozenset[str] = frozenset(),
 ) -> tuple[Any, dict[Path, int], list[ConfigIssue]]:
     """Parse one YAML document: returns (data, line of each key path, issues found).
+
+    An issue under a key in ``secret_keys`` never quotes the value's text.
 
     A syntax error is returned as a single issue with line and column; ``data``
     is then ``None``.
@@ -153,7 +154,7 @@ def load_yaml(
             loader.dispose()
     if root is None:
         return None, {}, []
-    builder = _Builder(file, on_scalar)
+    builder = _Builder(file, on_scalar, secret_keys)
     data = builder.build(root, ())
     return data, builder.lines, builder.issues
 

@@ -33,6 +33,7 @@ from mwfixtures import (
     send,
     wait_until,
 )
+from requires import missing
 from standin import GarbageRunner, SilentRunner, StandinRunner, closed_port
 
 from runner_mw.backends import RunnerBackend, build_backend
@@ -357,7 +358,7 @@ def test_https_to_a_plain_http_port_fails(kind: str) -> None:
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        missing("openssl is not installed (apt-get install openssl)")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",

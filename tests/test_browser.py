@@ -25,15 +25,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from requires import missing
 
 from runner_mw.devrunner import DevServer
 from runner_mw.devrunner import make_app as make_runner_app
 from runner_mw.devrunner import make_server as make_runner_server
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system"),
-]
+pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("RUNNER_MW_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -153,7 +151,7 @@ def chromium(profile: Path) -> Iterator[object]:
 def test_extension_ui_round_trip_in_chromium(runner: DevServer, monkeypatch: pytest.MonkeyPatch) -> None:
     reason = browser_missing()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     monkeypatch.setenv("SE_OFFLINE", "true")  # belt and braces: selenium-manager is not run anyway
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 import yaml
+from requires import missing
 
 from runner_mw import load_config
 
@@ -90,7 +90,7 @@ def compose_command() -> list[str] | None:
 def test_compose_file_validates_offline() -> None:
     command = compose_command()
     if command is None:
-        pytest.skip("docker-compose is not installed (Debian/Ubuntu: apt-get install docker-compose); "
+        missing("docker-compose is not installed (Debian/Ubuntu: apt-get install docker-compose); "
                     "the file's contents are still checked by the other tests of this module")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "DOCKER_", "COMPOSE_"))}
     done = subprocess.run([*command, "-f", str(COMPOSE), "config"], cwd=ROOT, env=env, capture_output=True,
@@ -272,8 +272,7 @@ def test_dev_runner_script_is_valid_bash() -> None:
     script = ROOT / "scripts" / "dev-runner.sh"
     assert os.access(script, os.X_OK)
     bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("bash is not installed")
+    assert bash is not None, "bash runs .ci/run and scripts/dev-runner.sh: it must be here"
     done = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True, timeout=T, check=False)
     assert done.returncode == 0, done.stderr
     text = script.read_text(encoding="utf-8")

@@ -22,16 +22,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import mwfixtures
 import pytest
 import requests
 from standin import StandinRunner
 
 from runner_mw.devrunner import SAMPLE_CONTENT_HASH, SAMPLE_EXTENSION_ID
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system")
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "config" / "gunicorn.conf.py"
@@ -84,14 +84,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = T, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+# The suite's one poll helper, with this module's longer deadline (processes boot here).
+wait_until = partial(mwfixtures.wait_until, timeout=T)
 
 
 class Gunicorn:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from runner_mw.config import SECRET_KEYS
 from runner_mw.errors import ConfigError
 from runner_mw.interpolate import MAX_SECRET_FILE_BYTES, interpolate, interpolate_scalar, resolve_files
 from runner_mw.loader import config_from_text, load_config
@@ -221,14 +222,15 @@ def test_secret_file_one_trailing_newline_stripped(
 def test_resolve_files_strips_exactly_one_newline(tmp_path: Path) -> None:
     (tmp_path / "two").write_text("value\n\n", encoding="utf-8")
     data, problems = resolve_files(
-        {"service_token": {"file": "two"}, "tokens": [{"file": "two"}], "c": 3}, tmp_path)
+        {"service_token": {"file": "two"}, "tokens": [{"file": "two"}], "c": 3}, tmp_path,
+        secret_keys=SECRET_KEYS)
     assert problems == []
     assert data == {"service_token": "value\n", "tokens": ["value\n"], "c": 3}
 
 
 def test_file_reference_outside_a_secret_key_is_left_for_the_schema(tmp_path: Path) -> None:
     (tmp_path / "two").write_text("value\n", encoding="utf-8")
-    data, problems = resolve_files({"timeouts": {"file": "two"}}, tmp_path)
+    data, problems = resolve_files({"timeouts": {"file": "two"}}, tmp_path, secret_keys=SECRET_KEYS)
     assert problems == []
     assert data == {"timeouts": {"file": "two"}}
 
@@ -265,7 +267,7 @@ def test_secret_file_oversize(tmp_path: Path) -> None:
 
 def test_secret_file_exactly_at_the_cap_is_read(tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(b"a" * MAX_SECRET_FILE_BYTES)
-    data, problems = resolve_files({"service_token": {"file": "big"}}, tmp_path)
+    data, problems = resolve_files({"service_token": {"file": "big"}}, tmp_path, secret_keys=SECRET_KEYS)
     assert problems == []
     assert len(data["service_token"]) == MAX_SECRET_FILE_BYTES
 
@@ -280,7 +282,7 @@ def test_secret_file_not_utf8(tmp_path: Path) -> None:
 
 
 def test_secret_file_reference_must_be_a_path(tmp_path: Path) -> None:
-    data, problems = resolve_files({"tokens": [{"file": ""}, {"file": 3}]}, tmp_path)
+    data, problems = resolve_files({"tokens": [{"file": ""}, {"file": 3}]}, tmp_path, secret_keys=SECRET_KEYS)
     assert problems == [(("tokens", 0, "file"), "must be a non-empty path string"),
                         (("tokens", 1, "file"), "must be a non-empty path string")]
     assert data == {"tokens": [None, None]}

@@ -372,7 +372,6 @@ def execute_ok(base: str) -> None:
     assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system")
 @pytest.mark.parametrize("preload", [False, True], ids=["app-per-worker", "preload_app"])
 def test_totals_across_gunicorn_workers_and_a_killed_one(tmp_path: Path, preload: bool) -> None:
     labels = {"route": "execute", "backend": "docker", "status": "200"}

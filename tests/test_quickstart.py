@@ -36,10 +36,9 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
+from requires import missing
 
 from runner_mw.devrunner import SAMPLE_CONTENT_HASH, SAMPLE_EXTENSION_ID
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process groups")
 
 ROOT = Path(__file__).resolve().parent.parent
 START_S = 120.0  # generous: a busy 2-core machine (the URL shows in ~3 s when idle)
@@ -135,13 +134,13 @@ def unmet_requirements() -> list[str]:
 @pytest.fixture(scope="module")
 def demo_env() -> Iterator[dict[str, str]]:
     if sys.prefix == sys.base_prefix:
-        pytest.skip("the suite does not run in a venv: RUNNER_MW_VENV would have nothing to reuse")
+        missing("the suite does not run in a venv: RUNNER_MW_VENV would have nothing to reuse")
     command = readme_command("demo")
     if shutil.which(command[0]) is None:
-        pytest.skip(f"{command[0]} (the README's interpreter) is not on PATH")
+        missing(f"{command[0]} (the README's interpreter) is not on PATH")
     unmet = unmet_requirements()
     if unmet:
-        pytest.skip(f"this venv lacks {', '.join(unmet)}: the demo would install it "
+        missing(f"this venv lacks {', '.join(unmet)}: the demo would install it "
                     "(pip install -e .[test] first)")
     # Only what the demo reads from the environment is set: none of the runner's variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "EXT_GATEWAY_"))}
@@ -304,6 +303,7 @@ def test_readme_demo_reports_a_taken_port(demo_env: dict[str, str], tmp_path: Pa
             assert "runner_mw demo: open" not in out
 
 
+# scripts/dev.py asks the kernel for PR_SET_PDEATHSIG only on Linux: elsewhere there is no such behaviour.
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_servers_stop_when_the_demo_is_killed(demo_env: dict[str, str], tmp_path: Path) -> None:
     port, runner_port = free_port(), free_port()

@@ -15,9 +15,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import mwfixtures
 import pytest
 import requests
 from standin import StandinRunner
@@ -52,14 +54,8 @@ def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
     return [b"hello"]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = T, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+# The suite's one poll helper, with this module's longer deadline (processes boot here).
+wait_until = partial(mwfixtures.wait_until, timeout=T)
 
 
 def free_port() -> int:
@@ -286,7 +282,6 @@ def live(cls: type) -> int:
     return sum(1 for obj in gc.get_objects() if type(obj) is cls)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_memory_stays_flat_over_1000_reloads(tmp_path: Path) -> None:
     from runner_mw.snapshot import Snapshot
 
