@@ -48,8 +48,9 @@ setup(
     install_requires=[
         "werkzeug>=3.0",
         "requests>=2.32.4",
-        # requests' own transport, used directly on the hot path (see bench/).
-        "urllib3>=2.0",
+        # llhttp (Node.js's HTTP parser) parses the runner's replies on the hot path:
+        # 7x cheaper than urllib3 per request here (runner_mw/backends/wire.py, bench/).
+        "httptools>=0.6.4",
         "PyYAML>=6.0",
         "jsonschema>=4.18",
     ],

@@ -11,8 +11,9 @@ Use these to tell a bad config file from a failing runner::
         ├── UpstreamTooLarge   the runner refused the body's size    -> 413 payload_too_large
         └── Overloaded         the backend's pool stayed full        -> 503 overloaded
 
-Third-party exceptions (urllib3, socket) are mapped to these in one place, the
-backend transport, so nothing else needs to know which HTTP client is in use.
+Socket and parser exceptions are mapped to these in one place, the backend
+transport (``runner_mw.backends.wire`` and ``http``), so nothing else needs to
+know which HTTP client is in use.
 """
 
 from __future__ import annotations

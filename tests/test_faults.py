@@ -150,9 +150,8 @@ def no_thread_left() -> Iterator[None]:
     _existing.update(threading.enumerate())
     before = threading.active_count()
     yield
-    # +1: the process's deadline watchdog, started on first use and kept (one per process).
-    wait_until(lambda: threading.active_count() <= before + 1, timeout=15,
-               what=f"threads back to {before} (+1), now {[t.name for t in threading.enumerate()]}")
+    wait_until(lambda: threading.active_count() <= before, timeout=15,
+               what=f"threads back to {before}, now {[t.name for t in threading.enumerate()]}")
 
 
 def settled() -> None:

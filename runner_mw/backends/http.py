@@ -1,17 +1,18 @@
 """``HTTPBackend``: talks to a runner over HTTP with one bounded keep-alive pool.
 
 Use it as the base of any backend kind that speaks the runner's HTTP contract
-(docker and knative both do). It uses urllib3 (requests' own transport) directly:
-requests' per-call overhead is measurable on the hot path, and urllib3 gives the
-same pooling with no cookie jar, no environment proxies, no ``.netrc`` and no
-redirect following. Every urllib3/socket exception is mapped to a
-``runner_mw.errors.UpstreamError`` here and nowhere else.
+(docker and knative both do). The transport is ``runner_mw.backends.wire``: a lean
+pool with llhttp (httptools) parsing the replies, chosen by measurement over urllib3
+and ``http.client`` (see that module). No cookie jar, no environment proxies, no
+``.netrc``, no redirect following. Every transport failure becomes a
+``runner_mw.errors.UpstreamError`` here or in ``wire``, nowhere else.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -19,89 +20,25 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
-import urllib3.connection
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    EmptyPoolError,
-    HTTPError,
-    NameResolutionError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
-
+from runner_mw.backends import wire
 from runner_mw.backends.base import AssetResponse, ExecuteReply, RunnerBackend
-from runner_mw.backends.deadline import WATCHDOG
-from runner_mw.errors import (
-    BadGateway,
-    Overloaded,
-    RunnerTimeout,
-    RunnerUnreachable,
-    UpstreamError,
-)
+from runner_mw.errors import BadGateway, RunnerTimeout, UpstreamError
 
-CHUNK = 64 * 1024
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-HEALTH_TIMEOUT = urllib3.Timeout(connect=1.0, read=2.0)
-# Raised before a single byte of the request left: safe to retry for any method.
-_NOT_SENT = (NewConnectionError, NameResolutionError, ConnectTimeoutError)
-
-
-# The deadline of the execute call running on this thread (None: no hard deadline).
-_call = threading.local()
-
-
-class _DeadlineMixin:
-    """Arms the watchdog once the request is sent: from then on, waiting for and reading
-    the reply cannot outlive the read deadline, however slowly the runner drips. (The
-    connect, and retries of connects, are bounded by connect_ms and the retry budget.)"""
-
-    sock: Any
-
-    def getresponse(self) -> Any:
-        read_s = getattr(_call, "read_s", None)
-        if read_s is not None and self.sock is not None:
-            _call.deadline = time.monotonic() + read_s
-            _call.token = WATCHDOG.watch(_call.deadline, self.sock)
-        return super().getresponse()  # type: ignore[misc]
-
-
-def _disarm() -> bool:
-    """Disarm this thread's deadline; True when it had fired (the reply was too slow)."""
-    token = getattr(_call, "token", None)
-    fired = WATCHDOG.cancel(token) if token is not None else False
-    _call.token = None
-    _call.fired = getattr(_call, "fired", False) or fired
-    return fired
-
-
-class _HTTPConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_DeadlineMixin, urllib3.connection.HTTPSConnection):
-    pass
+HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
 
 
 @contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Translate transport exceptions into runner_mw's own (see ``runner_mw.errors``)."""
+    """Translate what escapes ``wire`` (socket errors, encoding) into runner_mw's own."""
     try:
         yield
     except UpstreamError:
         raise
-    except EmptyPoolError:
-        raise Overloaded() from None
-    except _NOT_SENT:
-        raise RunnerUnreachable() from None
-    except ReadTimeoutError:
+    except TimeoutError:
         raise RunnerTimeout() from None
-    except SSLError:
-        raise RunnerUnreachable() from None
-    except (ProtocolError, HTTPError, OSError, ValueError, UnicodeError):
-        # ValueError/UnicodeError: a header value http.client cannot encode, or garbage.
+    except (OSError, ValueError):
+        # ValueError/UnicodeError: a header value that cannot be sent as it is.
         raise BadGateway() from None
 
 
@@ -111,43 +48,42 @@ class HTTPBackend(RunnerBackend):
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
         parts = urlsplit(settings.url)
+        self._tls = parts.scheme == "https"
+        self._hostname = parts.hostname or ""
+        self._port = parts.port or (443 if self._tls else 80)
         self._base_path = parts.path.rstrip("/")
         self._connect_s = settings.timeouts.connect_ms / 1000
         self._read_s = settings.timeouts.read_ms / 1000
         self._pool_wait_s = settings.pool_wait_ms / 1000
-        # Made once: urllib3 clones it per request anyway (Timeout objects are immutable to us).
-        self._timeout = urllib3.Timeout(connect=self._connect_s, read=self._read_s)
-        # The Host header routes through a Knative ingress; otherwise urllib3 sends the URL's.
-        self._host_header = {"host": settings.host} if settings.host else {}
+        # Knative's ingress routes on the Host header (``host``); otherwise the URL's authority.
+        authority = f"[{self._hostname}]" if ":" in self._hostname else self._hostname
+        if parts.port is not None:
+            authority += f":{parts.port}"
+        self._host = settings.host or authority
         self._lock = threading.Lock()
-        self._pool: urllib3.HTTPConnectionPool | None = None
+        self._pool: wire.Pool | None = None
         self._pool_pid = 0
 
     # ------------------------------------------------------------------ pool
 
-    def pool(self) -> urllib3.HTTPConnectionPool:
+    def pool(self) -> wire.Pool:
         """The process's pool, made on first use (never inherited across a fork)."""
         pool, pid = self._pool, os.getpid()
         if pool is not None and self._pool_pid == pid:
             return pool
         with self._lock:
             if self._pool is None or self._pool_pid != pid:
-                kwargs: dict[str, Any] = {
-                    "maxsize": self.settings.pool_size,
-                    "block": True,  # a bounded pool: waiting callers queue, then 503
-                    "timeout": self._timeout,
-                    "retries": False,
-                }
-                if self.settings.url.startswith("https:"):
-                    kwargs["cert_reqs"] = "CERT_REQUIRED"
-                    if self.settings.ca_bundle:
-                        kwargs["ca_certs"] = self.settings.ca_bundle
-                pool = urllib3.connection_from_url(self.settings.url, **kwargs)
-                pool.ConnectionCls = (_HTTPSConnection if isinstance(pool, urllib3.HTTPSConnectionPool)
-                                      else _HTTPConnection)
-                self._pool = pool
+                self._pool = wire.Pool(self._hostname, self._port, tls=self._tls_context(),
+                                       maxsize=self.settings.pool_size, wait_s=self._pool_wait_s,
+                                       connect_s=self._connect_s)
                 self._pool_pid = pid
             return self._pool
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._tls:
+            return None
+        # Verified always (CERT_REQUIRED, hostname checked); ``ca_bundle`` replaces the system CAs.
+        return ssl.create_default_context(cafile=self.settings.ca_bundle or None)
 
     def close(self) -> None:
         with self._lock:
@@ -157,22 +93,21 @@ class HTTPBackend(RunnerBackend):
 
     # ------------------------------------------------------------------ calls
 
-    def _urlopen(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
-                 timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
+    def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str], *,
+              read_s: float, total_s: float | None = None) -> wire.Response:
         """One request, retried only while nothing was sent and the retry budget lasts."""
+        out = {"host": self._host, **headers}
+        out.setdefault("accept-encoding", "identity")  # bodies pass through undecoded
+        data = wire.encode_request(method, self._base_path + path, out, body)
         retry = self.settings.retry
         deadline = time.monotonic() + retry.budget_ms / 1000
         pause = retry.backoff_ms / 1000
         attempt = 1
+        pool = self.pool()
         while True:
             try:
-                return self.pool().urlopen(
-                    method, self._base_path + path, body=body, headers={**headers, **self._host_header},
-                    timeout=timeout, retries=False, redirect=False, preload_content=False,
-                    decode_content=False, release_conn=False, pool_timeout=self._pool_wait_s,
-                    assert_same_host=False,
-                )
-            except _NOT_SENT:
+                return wire.request(pool, method, data, read_s=read_s, total_s=total_s)
+            except wire.NotSent:
                 if attempt >= retry.attempts or time.monotonic() + pause > deadline:
                     raise
             attempt += 1
@@ -180,82 +115,43 @@ class HTTPBackend(RunnerBackend):
             pause *= 2
 
     def execute(self, body: bytes, headers: dict[str, str]) -> ExecuteReply:
-        _call.read_s, _call.token, _call.fired = self._read_s, None, False
-        _call.deadline = time.monotonic() + self._connect_s + self._read_s  # until the send
-        try:
-            with mapped_errors():
-                resp = self._urlopen("POST", "/v1/execute", body, headers,
-                                     self._timeout)
-                try:
-                    data = self._read_capped(resp, _call.deadline)
-                except BaseException:
-                    resp.close()
-                    raise
-                finally:
-                    _disarm()  # before the connection goes back to the pool
-                    resp.release_conn()
-        except UpstreamError:
-            if _disarm() or _call.fired:
-                raise RunnerTimeout() from None  # the watchdog cut a reply that was too slow
-            raise
-        finally:
-            _disarm()
-            _call.read_s = _call.deadline = None
-        return ExecuteReply(resp.status, list(resp.headers.items()), data)
-
-    def _read_capped(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-        """Read the whole reply within the total deadline and the reply size cap."""
-        cap = self.settings.max_reply_bytes
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RunnerTimeout()
-            sock = getattr(getattr(resp, "connection", None), "sock", None)
-            if sock is not None:
-                # Each read waits at most for what is left of the total deadline.
-                sock.settimeout(remaining)
-            chunk = resp.read(CHUNK)
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > cap:
-                raise BadGateway()
-            parts.append(chunk)
+        # read_ms is the total deadline of the reply, counted from when the request is sent
+        # (connects and their retries are bounded by connect_ms and the retry budget).
+        with mapped_errors():
+            resp = self._send("POST", "/v1/execute", body, headers, read_s=self._read_s,
+                              total_s=self._read_s)
+            try:
+                data = resp.read_all(resp.deadline, self.settings.max_reply_bytes)
+            finally:
+                resp.release()
+        return ExecuteReply(resp.status, resp.headers, data)
 
     def fetch_asset(self, method: str, path: str, query: str, headers: dict[str, str]) -> AssetResponse:
-        # A stray '%' would make urllib3 re-encode the whole query (%2F -> %252F): escape
-        # only that, so the query reaches the runner with the meaning the client gave it.
+        # A stray '%' is escaped, as every client would: the rest of the query goes as given.
         target = "/" + path + ("?" + _STRAY_PERCENT.sub("%25", query) if query else "")
         with mapped_errors():
-            resp = self._urlopen(method, target, None, headers,
-                                 self._timeout)
-        return AssetResponse(
-            status=resp.status,
-            headers=list(resp.headers.items()),
-            chunks=self._stream(resp, method),
-            close=lambda: _finish(resp, method),
-        )
-
-    def _stream(self, resp: urllib3.BaseHTTPResponse, method: str) -> Iterator[bytes]:
-        if method == "HEAD" or resp.status in (204, 304):
-            return
-        with mapped_errors():
-            # The socket's read timeout is the longest silence between chunks; a body cut
-            # short raises (urllib3 enforces Content-Length), so the client's transfer breaks.
-            yield from resp.stream(CHUNK, decode_content=False)
+            resp = self._send(method, target, None, headers, read_s=self._read_s)
+        return AssetResponse(status=resp.status, headers=resp.headers,
+                             chunks=_stream(resp), close=resp.release)
 
     def health(self) -> dict[str, Any]:
         started = time.monotonic()
+        headers = {"host": self._host}
+        if self.settings.service_token:  # an authenticating ingress guards /healthz too
+            headers["x-runner-service-token"] = self.settings.service_token
         try:
-            headers = dict(self._host_header)
-            if self.settings.service_token:  # an authenticating ingress guards /healthz too
-                headers["x-runner-service-token"] = self.settings.service_token
-            resp = self.pool().urlopen("GET", self._base_path + "/healthz",
-                                       headers=headers, timeout=HEALTH_TIMEOUT,
-                                       retries=False, redirect=False, pool_timeout=self._pool_wait_s,
-                                       assert_same_host=False)
+            data = wire.encode_request("GET", self._base_path + "/healthz", headers, None)
+            # Its own short-lived connection: a probe must not wait behind a full pool.
+            probe = wire.Pool(self._hostname, self._port, tls=self._tls_context(), maxsize=1,
+                              wait_s=0, connect_s=HEALTH_CONNECT_S)
+            try:
+                resp = wire.request(probe, "GET", data, read_s=HEALTH_READ_S, total_s=HEALTH_READ_S)
+                try:
+                    resp.read_all(resp.deadline, 64 * 1024)
+                finally:
+                    resp.release()
+            finally:
+                probe.close()
         except Exception as exc:  # health never raises: it reports
             return {"ok": False, "error": type(exc).__name__,
                     "latency_ms": round((time.monotonic() - started) * 1000, 1)}
@@ -263,14 +159,8 @@ class HTTPBackend(RunnerBackend):
                 "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
-def _finish(resp: urllib3.BaseHTTPResponse, method: str) -> None:
-    """Give the connection back: reusable if the body was read to the end, else closed."""
-    bodiless = method == "HEAD" or resp.status in (204, 304)
-    if not resp.closed and not bodiless and not _fully_read(resp):
-        resp.close()  # never reuse a connection with unread bytes on it
-    resp.release_conn()
-
-
-def _fully_read(resp: urllib3.BaseHTTPResponse) -> bool:
-    fp = getattr(resp, "_fp", None)
-    return fp is None or bool(getattr(fp, "isclosed", lambda: False)())
+def _stream(resp: wire.Response) -> Iterator[bytes]:
+    with mapped_errors():
+        # The socket's read timeout is the longest silence between pieces; a body cut
+        # short raises, so the client's transfer breaks instead of ending clean.
+        yield from resp.stream()

@@ -1,0 +1,374 @@
+"""HTTP/1.1 to the runner: a bounded keep-alive pool, framing parsed by llhttp.
+
+Use it only through ``runner_mw.backends.http.HTTPBackend``. The reply is parsed by
+httptools, the Python binding of llhttp (Node.js's HTTP parser), in its strict mode:
+it refuses Content-Length together with Transfer-Encoding, duplicate or signed
+Content-Length, obs-fold, bare LF, control characters and chunk-size overflow. This
+module adds only what the runner contract needs on top: one ``sendall`` per request,
+limits on the reply head, ``chunked`` as the only transfer coding, the deadline of
+every ``recv``, and a connection kept only when its reply was read exactly to its
+end. No redirects, no cookies, no proxies, no decoding of the body; the target is
+sent as given (already canonical and strictly encoded by ``runner_mw.paths``).
+
+Why not urllib3 or http.client: measured against nginx on loopback (``bench/run``,
+docs/benchmarks.md), a keep-alive GET costs about 300 us through urllib3, 140 us
+through ``http.client`` (its ``email`` header parser alone is a third of that) and
+about 45 us here, with a C parser rather than one of ours at the trust boundary.
+
+Errors are ``runner_mw.errors``: ``NotSent`` (a ``RunnerUnreachable``: nothing left
+this process, safe to retry for any method), ``RunnerTimeout``, ``BadGateway`` and
+``Overloaded`` (no connection free within the pool wait).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import httptools
+
+from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreachable
+
+MAX_HEAD = 64 * 1024  # http.client's limit on one header line; here on the whole head
+MAX_HEADERS = 100  # http.client's limit too
+CHUNK = 64 * 1024
+_TOKEN_CHARS = frozenset("!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+
+
+class NotSent(RunnerUnreachable):
+    """Connecting failed (refused, unreachable, DNS, connect or TLS timeout): nothing of
+    the request left this process."""
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection was closed by the runner before any reply byte."""
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """An idle keep-alive connection the runner closed (or wrote to): not reusable."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+class Pool:
+    """Bounded keep-alive connections to one origin, for one process.
+
+    LIFO (the most recently used socket first: the likeliest still open). ``get``
+    waits at most ``wait_s`` for a free slot, then raises ``Overloaded``.
+    """
+
+    def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None, maxsize: int,
+                 wait_s: float, connect_s: float) -> None:
+        self.host, self.port, self.tls = host, port, tls
+        self.wait_s, self.connect_s = wait_s, connect_s
+        self._idle: list[socket.socket] = []
+        self._slots = threading.BoundedSemaphore(maxsize)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> tuple[socket.socket, bool]:
+        """A connection and whether it was used before. Raises ``Overloaded`` or ``NotSent``."""
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise Overloaded()
+        try:
+            while True:
+                with self._lock:
+                    sock = self._idle.pop() if self._idle else None
+                if sock is None:
+                    return self._connect(), False
+                if not _dropped(sock):
+                    return sock, True
+                sock.close()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def put(self, sock: socket.socket, reusable: bool) -> None:
+        """Give a connection back (kept only if ``reusable``); frees its slot."""
+        try:
+            if reusable and not self._closed:
+                with self._lock:
+                    if not self._closed:
+                        self._idle.append(sock)
+                        return
+            sock.close()
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections; busy ones are closed when they come back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_s)
+        except OSError as exc:  # refused, unreachable, DNS failure, connect timeout
+            raise NotSent() from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:  # TLS refused, failed to verify or timed out: nothing was sent
+            sock.close()
+            raise NotSent() from exc
+        return sock
+
+
+class _Parse:
+    """httptools' callbacks for one reply: collects the head, then the body pieces."""
+
+    __slots__ = ("body", "done", "framed", "head_bytes", "head_done", "head_size", "headers",
+                 "interim", "keep_alive", "parser", "status")
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[str, str]] = []
+        self.head_bytes = 0  # bytes received before the head was complete
+        self.head_size = 0  # bytes of header lines kept
+        self.head_done = False
+        self.interim = False
+        self.done = False
+        self.body: list[bytes] = []
+        self.status = 0
+        self.keep_alive = False
+        self.framed = False  # Content-Length or chunked: an early EOF means a body cut short
+
+    def on_message_begin(self) -> None:
+        if self.done:  # bytes after a complete reply: the connection is out of step
+            raise BadGateway("data after the reply")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a chunked trailer: nothing the contract uses
+        if len(self.headers) >= MAX_HEADERS:
+            raise BadGateway("too many headers")
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            raise BadGateway("reply head too long")
+        low = name.lower()
+        if low == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise BadGateway("transfer coding other than chunked")
+            self.framed = True
+        elif low == b"content-length":
+            self.framed = True
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # only cleared once the reply is done with
+        status = parser.get_status_code()
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise BadGateway("not HTTP/1.x")
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the real reply follows
+            self.interim = True
+            self.headers.clear()
+            self.framed = False
+            return
+        if not 200 <= status <= 599:
+            raise BadGateway("status out of range")
+        self.status = status
+        self.keep_alive = parser.should_keep_alive()
+        self.head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+        else:
+            self.done = True
+
+    def feed(self, data: bytes) -> None:
+        if self.parser is None:
+            raise BadGateway("reply already released")
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 (or CONNECT) reply: never asked for
+            raise BadGateway("unexpected protocol switch") from None
+        except httptools.HttpParserError as exc:  # also raised for errors in our callbacks
+            raise BadGateway() from exc
+
+
+class Response:
+    """A reply whose head is read. Read the body with ``read_all`` or ``stream``, then
+    always call ``release()``: the connection goes back to the pool only when the body
+    was read exactly to its end and the runner keeps it open; otherwise it is closed.
+    """
+
+    def __init__(self, pool: Pool, sock: socket.socket, parse: _Parse, *, head_only: bool) -> None:
+        self.status = parse.status
+        self.headers = parse.headers
+        self._pool, self._sock, self._parse = pool, sock, parse
+        # A HEAD reply has no body, but llhttp cannot be told so (it waits for the
+        # Content-Length bytes): the head is the whole reply. ``_read_head`` marks it done
+        # only when nothing followed the head, so the connection can be kept.
+        self._head_only = head_only
+        self._released = False
+        self.deadline: float | None = None  # set by ``request`` when the call has a total deadline
+
+    def stream(self, deadline: float | None = None) -> Iterator[bytes]:
+        """The body in pieces of about ``CHUNK`` bytes (fewer, larger writes to the client;
+        the last piece may be shorter). The socket timeout bounds each silence; ``deadline``
+        (``time.monotonic``) bounds the whole. A body cut short raises ``BadGateway``."""
+        parse, sock = self._parse, self._sock
+        if self._head_only:
+            return
+        size = sum(len(p) for p in parse.body)
+        while not parse.done:
+            if size >= CHUNK:
+                pieces, parse.body, size = parse.body, [], 0
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            _arm(sock, deadline)
+            data = _recv(sock)
+            if not data:
+                if parse.framed:
+                    raise BadGateway("body cut short")  # before its Content-Length or last chunk
+                parse.keep_alive = False  # framed by the end of the connection: complete
+                break
+            parse.feed(data)
+            size += len(data)  # an upper bound of the body bytes it held (chunk sizes aside)
+        if parse.body:
+            pieces, parse.body = parse.body, []
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_all(self, deadline: float | None, cap: int) -> bytes:
+        """The whole body within ``deadline`` and at most ``cap`` bytes (else ``BadGateway``)."""
+        parts: list[bytes] = []
+        size = 0
+        for piece in self.stream(deadline):
+            size += len(piece)
+            if size > cap:
+                raise BadGateway()
+            parts.append(piece)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Back to the pool if complete and reusable, else closed. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        parse = self._parse
+        reusable = parse.done and parse.keep_alive and not parse.body
+        parse.parser = None  # break the parser <-> callbacks cycle now, not at the next GC
+        self._pool.put(self._sock, reusable)
+
+
+def encode_request(method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
+    """The request head (and body) as one buffer. ``headers`` must include ``host``.
+    Raises ``ValueError`` for a name that is not a token or a value with CR, LF or NUL:
+    the allow-lists should have dropped them, and a header must never split in two."""
+    if " " in target or "\r" in target or "\n" in target:
+        raise ValueError("target not fit to send")
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        if not name or not _TOKEN_CHARS.issuperset(name) or "\r" in value or "\n" in value or "\0" in value:
+            raise ValueError("header not fit to send")
+        lines.append(f"{name}: {value}\r\n")
+    if body is not None:
+        lines.append(f"content-length: {len(body)}\r\n")
+    lines.append("\r\n")
+    data = "".join(lines).encode("latin-1")  # UnicodeEncodeError is a ValueError too
+    return data + body if body else data
+
+
+def request(pool: Pool, method: str, data: bytes, *, read_s: float,
+            total_s: float | None = None) -> Response:
+    """Send one encoded request (``encode_request``) and read the reply head.
+
+    ``read_s`` bounds every wait for bytes; ``total_s``, when given, bounds everything
+    after the connect, body included (``Response.deadline``). A reused connection that the runner
+    closed before any reply byte is replaced once for GET and HEAD (never for POST:
+    the runner may have acted on it).
+    """
+    retry_stale = method in ("GET", "HEAD")
+    for attempt in (1, 2):
+        sock, reused = pool.get()
+        deadline = None if total_s is None else time.monotonic() + total_s
+        try:
+            sock.settimeout(read_s)
+            _arm(sock, deadline)
+            try:
+                sock.sendall(data)
+            except TimeoutError:
+                raise RunnerTimeout() from None
+            except OSError:  # reset or broken pipe: the runner dropped an idle connection
+                if reused and retry_stale and attempt == 1:
+                    raise _Stale() from None
+                raise BadGateway() from None
+            parse = _read_head(sock, deadline, stale_ok=reused and retry_stale and attempt == 1,
+                               head_only=method == "HEAD")
+        except _Stale:
+            pool.put(sock, False)
+            continue
+        except BaseException:
+            pool.put(sock, False)
+            raise
+        resp = Response(pool, sock, parse, head_only=method == "HEAD")
+        resp.deadline = deadline
+        return resp
+    raise BadGateway()
+
+
+def _read_head(sock: socket.socket, deadline: float | None, *, stale_ok: bool,
+               head_only: bool) -> _Parse:
+    parse = _Parse()
+    received = bytearray()  # HEAD only: to see whether anything followed the head
+    while not parse.head_done:
+        _arm(sock, deadline)
+        try:
+            data = sock.recv(CHUNK)
+        except TimeoutError:
+            raise RunnerTimeout() from None
+        except OSError:  # a reset before any reply byte is a stale connection too
+            data = b""
+        if not data:
+            if stale_ok and parse.head_bytes == 0:
+                raise _Stale()
+            raise BadGateway()  # closed before the reply head
+        parse.head_bytes += len(data)
+        if head_only:
+            received += data
+        parse.feed(data)
+        if not parse.head_done and parse.head_bytes > MAX_HEAD:
+            raise BadGateway("reply head too long")
+    if head_only:
+        # llhttp (strict) allows no CR or LF inside a header line, so the first blank line
+        # ends the head. Reusable only if it is all we got and no interim reply came first.
+        parse.done = received.find(b"\r\n\r\n") + 4 == len(received)
+        parse.body.clear()
+    return parse
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(CHUNK)
+    except TimeoutError:
+        raise RunnerTimeout() from None
+    except OSError:  # reset, or a TLS record that does not decrypt
+        raise BadGateway() from None
+
+
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Make the next blocking call end by ``deadline``: a runner dripping a byte at a
+    time cannot stretch a call past it (socket timeouts bound each call, not their sum)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RunnerTimeout()
+        current = sock.gettimeout()
+        if current is None or left < current:
+            sock.settimeout(left)

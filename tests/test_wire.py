@@ -1,0 +1,297 @@
+"""runner_mw.backends.wire: framing, keep-alive, limits and deadlines over real loopback sockets.
+
+Each test scripts a raw server (``Scripted``): the replies it sends, byte for byte, one list
+per connection. What the server receives and how many connections it accepted show what the
+client sent and whether it kept a connection for the next request.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import pytest
+from mwfixtures import wait_until
+from standin import _RawServer, _read_request
+
+from runner_mw.backends import wire
+from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreachable
+
+Step = bytes | Callable[[socket.socket], None]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+
+
+class Scripted(_RawServer):
+    """Connection n plays ``script[n]``: each step answers one request (bytes to send, or a
+    function of the socket); the connection closes when its steps run out."""
+
+    def __init__(self, *script: Sequence[Step]) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.heads: list[bytes] = []
+
+    def serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            steps = self.script[self._accepted - 1] if self._accepted <= len(self.script) else []
+        for step in steps:
+            head = _read_request(conn)
+            if head is None:
+                return
+            with self._lock:
+                self.heads.append(head)
+            if callable(step):
+                step(conn)
+            else:
+                conn.sendall(step)
+
+
+@contextmanager
+def pool_for(server: Scripted, *, maxsize: int = 2, wait_s: float = 1.0) -> Iterator[wire.Pool]:
+    pool = wire.Pool("127.0.0.1", server.port, tls=None, maxsize=maxsize, wait_s=wait_s, connect_s=2.0)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def get(pool: wire.Pool, method: str = "GET", *, body: bytes | None = None, read_s: float = 2.0,
+        total_s: float | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    data = wire.encode_request(method, "/x", {"host": "runner"}, body)
+    resp = wire.request(pool, method, data, read_s=read_s, total_s=total_s)
+    try:
+        return resp.status, resp.headers, resp.read_all(resp.deadline, 1 << 20)
+    finally:
+        resp.release()
+
+
+# -------------------------------------------------------------------------- framing
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3;ext=1\r\nllo\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+], ids=["content-length", "chunked", "chunked-trailer", "100-continue", "103-early-hints"])
+def test_framed_replies_are_read_whole_and_the_connection_is_kept(reply: bytes) -> None:
+    with Scripted([reply, OK]) as server, pool_for(server) as pool:
+        status, headers, body = get(pool)
+        assert (status, body) == (200, b"hello")
+        names = [n.lower() for n, _ in headers]
+        assert "link" not in names and "x-trailer" not in names  # interim and trailer headers dropped
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\n\r\nhello",  # framed by the end of the connection
+], ids=["connection-close", "http-1.0", "until-close"])
+def test_replies_that_end_the_connection_are_read_then_not_reused(reply: bytes) -> None:
+    with Scripted([reply], [OK]) as server, pool_for(server) as pool:
+        assert get(pool)[::2] == (200, b"hello")
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 2
+
+
+def test_a_bodiless_status_keeps_the_connection_whatever_its_content_length() -> None:
+    with Scripted([b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", OK]) as server, \
+            pool_for(server) as pool:
+        assert get(pool)[::2] == (304, b"")
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 1
+
+
+def test_head_reply_is_the_head_alone_and_keeps_the_connection() -> None:
+    with Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", OK]) as server, pool_for(server) as pool:
+        status, headers, body = get(pool, "HEAD")
+        assert (status, body, dict(headers)["Content-Length"]) == (200, b"", "5")
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 1
+
+
+def test_a_head_reply_followed_by_bytes_is_not_reused() -> None:
+    with Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"], [OK]) as server, \
+            pool_for(server) as pool:
+        assert get(pool, "HEAD")[::2] == (200, b"")
+        assert get(pool)[2] == b"hi"  # not "hello" read as the next reply
+        assert server.connections == 2
+
+
+MALFORMED = {
+    "cl-and-te": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"2\r\nhi\r\n0\r\n\r\n"),
+    "duplicate-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+    "cl-list": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi",
+    "cl-signed": b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nhi",
+    "te-gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhi",
+    "te-gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "te-chunked-twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nhi",
+    "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
+    "nul-in-value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nhi",
+    "cr-in-value": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\nhi",
+    "space-before-colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nhi",
+    "chunk-size-overflow": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\nhi",
+    "not-http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "http-2.0": b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+    "status-600": b"HTTP/1.1 600 X\r\nContent-Length: 2\r\n\r\nhi",
+    "switching-protocols": (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                            b"Connection: upgrade\r\n\r\n"),
+    "too-many-headers": b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 101 + b"Content-Length: 2\r\n\r\nhi",
+    "head-too-long": b"HTTP/1.1 200 OK\r\n" + b"X-A: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nhi",
+    "data-after-reply": OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno",
+    "cut-short-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhi",
+    "cut-short-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+    "closed-before-reply": b"",
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_or_short_reply_is_a_bad_gateway_and_its_connection_is_dropped(name: str) -> None:
+    with Scripted([MALFORMED[name]], [OK]) as server, pool_for(server) as pool:
+        with pytest.raises(BadGateway):
+            get(pool)
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 2
+
+
+def test_the_body_streams_in_bounded_pieces_and_not_all_at_once() -> None:
+    size = 3 * 1024 * 1024
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size
+    with Scripted([reply]) as server, pool_for(server) as pool:
+        resp = wire.request(pool, "GET", wire.encode_request("GET", "/x", {"host": "h"}, None), read_s=2.0)
+        try:
+            pieces = list(resp.stream())
+        finally:
+            resp.release()
+        assert sum(map(len, pieces)) == size
+        assert max(map(len, pieces)) <= 2 * wire.CHUNK and len(pieces) >= size // (2 * wire.CHUNK)
+
+
+# -------------------------------------------------------------------------- what is sent
+
+
+def test_the_request_goes_as_one_head_with_its_content_length() -> None:
+    with Scripted([OK]) as server, pool_for(server) as pool:
+        get(pool, "POST", body=b'{"a":1}')
+        head = server.heads[0].decode()
+        assert head.split("\r\n")[0] == "POST /x HTTP/1.1"
+        assert "host: runner" in head and "content-length: 7" in head
+
+
+@pytest.mark.parametrize(("headers", "target"), [
+    ({"host": "h", "x-a": "1\r\nx-injected: 1"}, "/x"),
+    ({"host": "h", "x-a": "1\nx"}, "/x"),
+    ({"host": "h", "x-a": "a\x00"}, "/x"),
+    ({"host": "h", "x a": "1"}, "/x"),
+    ({"host": "h", "x:a": "1"}, "/x"),
+    ({"host": "h", "": "1"}, "/x"),
+    ({"host": "h", "x-a": "\u20ac"}, "/x"),  # not latin-1: cannot be sent as it is
+    ({"host": "h"}, "/x HTTP/1.1\r\nx-injected: 1\r\n\r\nGET /y"),
+    ({"host": "h"}, "/a b"),
+])
+def test_a_header_or_target_that_would_split_the_request_is_refused(headers: dict[str, str],
+                                                                   target: str) -> None:
+    with pytest.raises(ValueError):
+        wire.encode_request("GET", target, headers, None)
+
+
+# -------------------------------------------------------------------------- stale connections
+
+
+def _close_without_reply(conn: socket.socket) -> None:
+    conn.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_get_on_a_connection_the_runner_dropped_is_sent_again_once_on_a_new_one() -> None:
+    with Scripted([OK, _close_without_reply], [OK]) as server, pool_for(server) as pool:
+        assert get(pool)[2] == b"hi"
+        assert get(pool)[2] == b"hi"
+        assert (server.connections, len(server.heads)) == (2, 3)
+
+
+def test_a_post_on_a_connection_the_runner_dropped_is_never_sent_again() -> None:
+    with Scripted([OK, _close_without_reply], [OK]) as server, pool_for(server) as pool:
+        assert get(pool, "POST", body=b"{}")[2] == b"hi"
+        with pytest.raises(BadGateway):
+            get(pool, "POST", body=b"{}")
+        assert (server.connections, len(server.heads)) == (1, 2)
+
+
+def test_an_idle_connection_the_runner_closed_is_not_used() -> None:
+    # The server closes right after its reply: the pool sees the EOF before sending on it.
+    with Scripted([OK], [OK]) as server, pool_for(server) as pool:
+        assert get(pool)[2] == b"hi"
+        wait_until(lambda: not any(t.is_alive() for t in server._threads), what="server closed")
+        assert get(pool, "POST", body=b"{}")[2] == b"hi"  # a POST would not be retried
+        assert server.connections == 2
+
+
+# -------------------------------------------------------------------------- pool and deadlines
+
+
+def test_a_full_pool_is_overloaded_after_the_wait_and_a_released_slot_is_reusable() -> None:
+    with Scripted([OK, OK]) as server, pool_for(server, maxsize=1, wait_s=0.2) as pool:
+        data = wire.encode_request("GET", "/x", {"host": "h"}, None)
+        held = wire.request(pool, "GET", data, read_s=2.0)
+        started = time.monotonic()
+        with pytest.raises(Overloaded):
+            wire.request(pool, "GET", data, read_s=2.0)
+        assert time.monotonic() - started >= 0.15
+        held.read_all(None, 10)
+        held.release()
+        held.release()  # idempotent: the slot is not freed twice
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 1
+
+
+def test_a_refused_connect_is_not_sent() -> None:
+    with Scripted() as server:
+        port = server.port
+    pool = wire.Pool("127.0.0.1", port, tls=None, maxsize=1, wait_s=0.1, connect_s=1.0)
+    with pytest.raises(wire.NotSent) as info:
+        get(pool)
+    assert isinstance(info.value, RunnerUnreachable)
+    with pytest.raises(wire.NotSent):  # not Overloaded: the failed connect gave its slot back
+        get(pool)
+
+
+def _drip(conn: socket.socket) -> None:
+    for byte in OK:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def test_total_s_bounds_a_dripping_reply_and_read_s_bounds_each_silence() -> None:
+    with Scripted([_drip]) as server, pool_for(server) as pool:
+        started = time.monotonic()
+        with pytest.raises(RunnerTimeout):
+            get(pool, read_s=1.0, total_s=0.5)
+        assert time.monotonic() - started < 1.5
+    with Scripted([_drip]) as server, pool_for(server) as pool:
+        assert get(pool, read_s=1.0)[2] == b"hi"  # each silence is short: it completes
+
+    def silent(conn: socket.socket) -> None:
+        time.sleep(1.5)
+
+    with Scripted([silent]) as server, pool_for(server) as pool:
+        started = time.monotonic()
+        with pytest.raises(RunnerTimeout):
+            get(pool, read_s=0.3)
+        assert time.monotonic() - started < 1.2
+
+
+def test_close_drops_idle_connections_and_busy_ones_when_they_come_back() -> None:
+    with Scripted([OK, OK], [OK, OK]) as server, pool_for(server) as pool:
+        get(pool)
+        data = wire.encode_request("GET", "/x", {"host": "h"}, None)
+        busy = wire.request(pool, "GET", data, read_s=2.0)
+        pool.close()
+        busy.read_all(None, 10)
+        busy.release()
+        assert pool._idle == []
