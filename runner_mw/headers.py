@@ -81,4 +81,4 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 
 
 def _has_ctl(value: str) -> bool:
-    return any(ch in value for ch in "\r\n\x00")
+    return "\r" in value or "\n" in value or "\x00" in value

@@ -51,23 +51,28 @@ def _hide(match: re.Match[str]) -> str:
     return (match.group(3) or match.group(4)) + "***"
 
 
-# The credentials of the request this thread (or task) handles now; see bind_request.
-_request_secrets: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "runner_mw_request_secrets", default=())
-_CREDENTIAL_KEYS = ("HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_X_RUNNER_SERVICE_TOKEN")
+# The credential headers of the request this thread (or task) handles now, as sent; see
+# bind_request. Turned into the values to redact only when a line is redacted (rarely).
+_request_credentials: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "runner_mw_request_credentials", default=(None, None, None, None))
 
 
 def request_secrets(environ: Mapping[str, Any]) -> tuple[str, ...]:
     """The credential values a request carries: Authorization (whole and without its
     scheme), each cookie value, a client-sent service token. Values under 4 characters
     are left out (redacting them would garble every line)."""
+    get = environ.get
+    return _secrets_of(get("HTTP_AUTHORIZATION"), get("HTTP_PROXY_AUTHORIZATION"),
+                       get("HTTP_X_RUNNER_SERVICE_TOKEN"), get("HTTP_COOKIE"))
+
+
+def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any,
+                cookie: Any) -> tuple[str, ...]:
     found: list[str] = []
-    for key in _CREDENTIAL_KEYS:
-        value = environ.get(key)
+    for value in (authorization, proxy_authorization, service_token):
         if isinstance(value, str) and value.strip():
             found.append(value.strip())
             found.append(value.strip().partition(" ")[2].strip())
-    cookie = environ.get("HTTP_COOKIE")
     if isinstance(cookie, str):
         found.append(cookie.strip())
         for part in cookie.split(";"):
@@ -78,7 +83,9 @@ def request_secrets(environ: Mapping[str, Any]) -> tuple[str, ...]:
 def bind_request(environ: Mapping[str, Any]) -> None:
     """Redact this request's credentials in what is logged on this thread until the next
     request (call it first thing for every request the gateway handles)."""
-    _request_secrets.set(request_secrets(environ))
+    get = environ.get
+    _request_credentials.set((get("HTTP_AUTHORIZATION"), get("HTTP_PROXY_AUTHORIZATION"),
+                              get("HTTP_X_RUNNER_SERVICE_TOKEN"), get("HTTP_COOKIE")))
 
 
 class Redactor(logging.Filter):
@@ -96,7 +103,7 @@ class Redactor(logging.Filter):
             self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
 
     def redact(self, text: str) -> str:
-        for secrets in (_request_secrets.get(), self._secrets):
+        for secrets in (_secrets_of(*_request_credentials.get()), self._secrets):
             for secret in secrets:
                 if secret in text:
                     text = text.replace(secret, "***")
@@ -127,6 +134,18 @@ class Redactor(logging.Filter):
             record.msg, record.args = clean, None
         setattr(record, "_runner_mw_redacted", True)  # noqa: B010 - not a LogRecord attribute
         return True
+
+
+def log_checked(logger: logging.Logger, message: str) -> None:
+    """Log an INFO ``message`` built only from values known to hold no secret.
+
+    Use it on the hot path only (the access log): it skips the caller lookup and the
+    redaction pass, about half the cost of ``logger.info``. Handlers, formatters and
+    propagation are the logging module's as usual.
+    """
+    record = logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None)
+    setattr(record, "_runner_mw_redacted", True)  # noqa: B010 - not a LogRecord attribute
+    logger.handle(record)
 
 
 class JsonFormatter(logging.Formatter):

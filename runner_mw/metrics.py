@@ -63,6 +63,22 @@ class _Metrics:
         self.inflight = prom.Gauge("runner_mw_inflight_requests", "Requests in flight on the gateway",
                                    multiprocess_mode="livesum")
 
+        # Labelled children, cached: ``labels()`` validates and locks on every call, which
+        # cost about as much as the recording itself on the hot path.
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
+
+    def record(self, route: str, backend: str, status: int, seconds: float) -> None:
+        counter = self._counted.get((route, backend, status))
+        if counter is None:  # bounded: routes x configured backends x statuses
+            counter = self.requests.labels(route, backend, str(status))
+            self._counted[(route, backend, status)] = counter
+        timer = self._timed.get((route, backend))
+        if timer is None:
+            timer = self._timed[(route, backend)] = self.upstream.labels(route, backend)
+        counter.inc()
+        timer.observe(seconds)
+
     def unregister(self) -> None:
         assert prom is not None
         for collector in (self.requests, self.upstream, self.reloads, self.generation, self.inflight):
@@ -127,11 +143,7 @@ def _safely(record: Any, *args: Any) -> None:
 def observe(route: str, backend: str, status: int, seconds: float) -> None:
     m = metrics()
     if m is not None:
-        def record() -> None:
-            m.requests.labels(route, backend, str(status)).inc()
-            m.upstream.labels(route, backend).observe(seconds)
-
-        _safely(record)
+        _safely(m.record, route, backend, status, seconds)
 
 
 def inflight(delta: int) -> None:

@@ -26,6 +26,7 @@ _BAD_CHARS = frozenset("\\;\x00\r\n\t\x7f ")
 _BAD_CHAR = re.compile(r"[\x00-\x20\x7f\\;]")
 # What a segment may hold after strict re-encoding (RFC 3986 pchar minus ';').
 _SAFE = "!$&'()*+,=:@-._~"
+_NOTHING_TO_ENCODE = re.compile(r"[A-Za-z0-9!$&'()*+,=:@._~/-]*")
 
 
 class InvalidPath(ValueError):
@@ -88,4 +89,7 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
 
 def encode(segments: list[str]) -> str:
     """Re-encode decoded segments strictly (``/`` joined, no leading slash)."""
+    joined = "/".join(segments)
+    if _NOTHING_TO_ENCODE.fullmatch(joined) and joined.count("/") == len(segments) - 1:
+        return joined  # the common case: quote() would return every segment unchanged
     return "/".join(quote(seg.encode("latin-1"), safe=_SAFE) for seg in segments)

@@ -9,7 +9,7 @@ runner nor the wrapped app sees anything.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import given, settings
@@ -234,3 +234,10 @@ def test_accepted_segments_round_trip_and_never_traverse(parts: list[str]) -> No
     assert all(p not in (".", "..") for p in pieces)
     assert [unquote(p) for p in pieces] == parts
     assert not set(encoded) & set("?#\\; \r\n\x00")
+
+
+@given(st.lists(st.text(st.characters(max_codepoint=0xFF)), min_size=1, max_size=5))
+def test_encode_fast_path_equals_strict_quoting(segments: list[str]) -> None:
+    # encode() skips quote() when nothing needs encoding: it must give the same bytes.
+    expected = "/".join(quote(s.encode("latin-1"), safe="!$&'()*+,=:@-._~") for s in segments)
+    assert encode(segments) == expected

@@ -129,14 +129,14 @@ class Pool:
 class _Parse:
     """httptools' callbacks for one reply: collects the head, then the body pieces."""
 
-    __slots__ = ("body", "done", "framed", "head_bytes", "head_done", "head_size", "headers",
-                 "interim", "keep_alive", "parser", "status")
+    __slots__ = ("body", "done", "framed", "head_bytes", "head_done", "headers", "interim",
+                 "keep_alive", "parser", "raw_headers", "status")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: list[tuple[str, str]] = []
         self.head_bytes = 0  # bytes received before the head was complete
-        self.head_size = 0  # bytes of header lines kept
         self.head_done = False
         self.interim = False
         self.done = False
@@ -150,21 +150,11 @@ class _Parse:
             raise BadGateway("data after the reply")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:
-            return  # a chunked trailer: nothing the contract uses
-        if len(self.headers) >= MAX_HEADERS:
-            raise BadGateway("too many headers")
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_HEAD:
-            raise BadGateway("reply head too long")
-        low = name.lower()
-        if low == b"transfer-encoding":
-            if value.strip().lower() != b"chunked":
-                raise BadGateway("transfer coding other than chunked")
-            self.framed = True
-        elif low == b"content-length":
-            self.framed = True
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # Called once per header line: kept minimal, the checks run once the head is whole.
+        if not self.head_done:  # after it: a chunked trailer, nothing the contract uses
+            self.raw_headers.append((name, value))
+            if len(self.raw_headers) > MAX_HEADERS:
+                raise BadGateway("too many headers")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -172,13 +162,21 @@ class _Parse:
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise BadGateway("not HTTP/1.x")
+        raw, self.raw_headers = self.raw_headers, []
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the real reply follows
             self.interim = True
-            self.headers.clear()
-            self.framed = False
             return
         if not 200 <= status <= 599:
             raise BadGateway("status out of range")
+        for name, value in raw:
+            low = name.lower()
+            if low == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise BadGateway("transfer coding other than chunked")
+                self.framed = True
+            elif low == b"content-length":
+                self.framed = True
+        self.headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
         self.status = status
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
@@ -330,7 +328,9 @@ def _read_head(sock: socket.socket, deadline: float | None, *, stale_ok: bool,
     while not parse.head_done:
         _arm(sock, deadline)
         try:
-            data = sock.recv(CHUNK)
+            # Never past MAX_HEAD + 1 bytes while the head is incomplete: a head that
+            # completes within what was read is at most MAX_HEAD long.
+            data = sock.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
         except TimeoutError:
             raise RunnerTimeout() from None
         except OSError:  # a reset before any reply byte is a stale connection too
@@ -344,7 +344,7 @@ def _read_head(sock: socket.socket, deadline: float | None, *, stale_ok: bool,
             received += data
         parse.feed(data)
         if not parse.head_done and parse.head_bytes > MAX_HEAD:
-            raise BadGateway("reply head too long")
+            raise BadGateway("reply head too long")  # (interim replies count too)
     if head_only:
         # llhttp (strict) allows no CR or LF inside a header line, so the first blank line
         # ends the head. Reusable only if it is all we got and no interim reply came first.
