@@ -11,6 +11,7 @@ look like loopback.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from collections.abc import Callable, Mapping
@@ -31,9 +32,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 def client_address(environ: Mapping[str, Any], access: Access) -> IPAddress | None:
     """The client's address: the peer, or the right-most X-Forwarded-For hop that is not
     a trusted proxy when (and only when) the peer is one."""
-    try:
-        addr = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
-    except ValueError:
+    addr = _parse_ip(environ.get("REMOTE_ADDR", ""))
+    if addr is None:
         return None  # a unix socket or an unknown peer: never in a network
     if not access.trusted_proxies or not _in(addr, access.trusted_proxies):
         return addr
@@ -76,6 +76,15 @@ def token_matches(token: str, tokens: tuple[str, ...]) -> bool:
     for candidate in tokens:
         found |= hmac.compare_digest(given, candidate.encode("utf-8"))
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> IPAddress | None:
+    # Cached: the same few peers (a proxy, a load balancer) send nearly every request.
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _in(addr: IPAddress, networks: tuple[Any, ...]) -> bool:

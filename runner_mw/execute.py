@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 ExecuteHook = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
 log = logging.getLogger("runner_mw")
 CHUNK = 64 * 1024
+# One encoder for every call: json.dumps() with options builds a new one each time.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 class _Refused(Exception):
@@ -106,7 +108,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
     if active.service_token:
         headers[SERVICE_TOKEN] = active.service_token
     envelope = prepare(envelope, rid, active.timeouts.read_ms)
-    return json.dumps(envelope, separators=(",", ":")).encode(), headers
+    return _COMPACT.encode(envelope).encode(), headers
 
 
 def read_body(environ: Mapping[str, Any], limit: int) -> bytes:
@@ -161,5 +163,5 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
     if not expose_errors and isinstance(err, str) and ":" in err:
         # Runner error text can reveal paths and internals; its code is enough for callers.
         reply["error"] = err.split(":", 1)[0].strip()
-        return 200, json.dumps(reply, separators=(",", ":")).encode()
+        return 200, _COMPACT.encode(reply).encode()
     return 200, body

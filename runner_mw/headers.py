@@ -81,4 +81,8 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 
 
 def _has_ctl(value: str) -> bool:
-    return "\r" in value or "\n" in value or "\x00" in value
+    # Any control character but HTAB: not allowed in a field value (RFC 9110, 5.5).
+    return _CTL.search(value) is not None
+
+
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

@@ -7,12 +7,16 @@ client sent and whether it kept a connection for the next request.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import httptools
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mwfixtures import wait_until
 from standin import _RawServer, _read_request
 
@@ -295,3 +299,36 @@ def test_close_drops_idle_connections_and_busy_ones_when_they_come_back() -> Non
         busy.read_all(None, 10)
         busy.release()
         assert pool._idle == []
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+@settings(max_examples=300 * (100 if os.environ.get("RUNNER_MW_FUZZ_LONG") == "1" else 1), deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=12), max_size=4),
+       st.one_of(st.none(), st.binary(max_size=16)))
+def test_an_encoded_request_is_refused_or_parses_back_to_exactly_what_was_given(
+        extra: dict[str, str], body: bytes | None) -> None:
+    headers = {"host": "runner", **extra}
+    try:
+        data = wire.encode_request("POST", "/v1/execute", headers, body)
+    except ValueError:
+        return
+    # llhttp, strict, as a server would read it: one request, the same header lines, no more.
+    got = _Request()
+    httptools.HttpRequestParser(got).feed_data(data)
+    assert got.done or body is None
+    sent = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in got.headers]
+    expected = [(n, v.strip(" \t")) for n, v in headers.items()]
+    if body is not None:
+        expected.append(("content-length", str(len(body))))
+    assert sent == expected

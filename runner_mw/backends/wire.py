@@ -22,9 +22,11 @@ this process, safe to retry for any method), ``RunnerTimeout``, ``BadGateway`` a
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +38,9 @@ from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreac
 MAX_HEAD = 64 * 1024  # http.client's limit on one header line; here on the whole head
 MAX_HEADERS = 100  # http.client's limit too
 CHUNK = 64 * 1024
-_TOKEN_CHARS = frozenset("!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TOKENS = re.compile(f"{_TOKEN}(?: {_TOKEN})*")  # header names joined by spaces
+_OTHER_CTL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")  # control characters but HTAB, LF, CR
 
 
 class NotSent(RunnerUnreachable):
@@ -74,8 +78,12 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> tuple[socket.socket, bool]:
-        """A connection and whether it was used before. Raises ``Overloaded`` or ``NotSent``."""
+    def get(self, *, check: bool = True) -> tuple[socket.socket, bool]:
+        """A connection and whether it was used before. Raises ``Overloaded`` or ``NotSent``.
+
+        ``check=False`` skips looking for a close from the runner on an idle connection
+        (one syscall): only for requests that are sent again when that happens (GET, HEAD).
+        """
         if not self._slots.acquire(timeout=self.wait_s):
             raise Overloaded()
         try:
@@ -84,7 +92,7 @@ class Pool:
                     sock = self._idle.pop() if self._idle else None
                 if sock is None:
                     return self._connect(), False
-                if not _dropped(sock):
+                if not check or not _dropped(sock):
                     return sock, True
                 sock.close()
         except BaseException:
@@ -120,6 +128,10 @@ class Pool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            else:
+                # Blocking, with the kernel's per-call timeouts (``_limit``): a Python timeout
+                # polls before every recv and send, one more syscall and GIL release each.
+                sock.settimeout(None)
         except OSError as exc:  # TLS refused, failed to verify or timed out: nothing was sent
             sock.close()
             raise NotSent() from exc
@@ -217,6 +229,7 @@ class Response:
         self._head_only = head_only
         self._released = False
         self.deadline: float | None = None  # set by ``request`` when the call has a total deadline
+        self.read_s = 0.0  # set by ``request``
 
     def stream(self, deadline: float | None = None) -> Iterator[bytes]:
         """The body in pieces of about ``CHUNK`` bytes (fewer, larger writes to the client;
@@ -230,7 +243,7 @@ class Response:
             if size >= CHUNK:
                 pieces, parse.body, size = parse.body, [], 0
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            _arm(sock, deadline)
+            _arm(sock, self.read_s, deadline)
             data = _recv(sock)
             if not data:
                 if parse.framed:
@@ -267,19 +280,22 @@ class Response:
 
 def encode_request(method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
     """The request head (and body) as one buffer. ``headers`` must include ``host``.
-    Raises ``ValueError`` for a name that is not a token or a value with CR, LF or NUL:
-    the allow-lists should have dropped them, and a header must never split in two."""
+    Raises ``ValueError`` for a name that is not a token, or a value with a control
+    character other than HTAB (RFC 9110): the allow-lists should have dropped them, and
+    a header must never split in two."""
     if " " in target or "\r" in target or "\n" in target:
         raise ValueError("target not fit to send")
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    for name, value in headers.items():
-        if not name or not _TOKEN_CHARS.issuperset(name) or "\r" in value or "\n" in value or "\0" in value:
-            raise ValueError("header not fit to send")
-        lines.append(f"{name}: {value}\r\n")
-    if body is not None:
-        lines.append(f"content-length: {len(body)}\r\n")
-    lines.append("\r\n")
-    data = "".join(lines).encode("latin-1")  # UnicodeEncodeError is a ValueError too
+    # Checked in bulk, not header by header (this runs on every request): every name a
+    # token, and no control character in the values (CR and LF only as the line ends).
+    names = " ".join(headers)
+    if not _TOKENS.fullmatch(names) or names.count(" ") != len(headers) - 1:
+        raise ValueError("header name not fit to send")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if (fields.count("\n") != len(headers) or fields.count("\r") != len(headers)
+            or _OTHER_CTL.search(fields)):
+        raise ValueError("header value not fit to send")
+    length = "" if body is None else f"content-length: {len(body)}\r\n"
+    data = f"{method} {target} HTTP/1.1\r\n{fields}{length}\r\n".encode("latin-1")  # else ValueError
     return data + body if body else data
 
 
@@ -294,20 +310,20 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
     """
     retry_stale = method in ("GET", "HEAD")
     for attempt in (1, 2):
-        sock, reused = pool.get()
+        sock, reused = pool.get(check=not (retry_stale and attempt == 1))
         deadline = None if total_s is None else time.monotonic() + total_s
         try:
-            sock.settimeout(read_s)
-            _arm(sock, deadline)
+            _limit(sock, read_s)
+            _arm(sock, read_s, deadline)
             try:
                 sock.sendall(data)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 raise RunnerTimeout() from None
             except OSError:  # reset or broken pipe: the runner dropped an idle connection
                 if reused and retry_stale and attempt == 1:
                     raise _Stale() from None
                 raise BadGateway() from None
-            parse = _read_head(sock, deadline, stale_ok=reused and retry_stale and attempt == 1,
+            parse = _read_head(sock, read_s, deadline, stale_ok=reused and retry_stale and attempt == 1,
                                head_only=method == "HEAD")
         except _Stale:
             pool.put(sock, False)
@@ -316,22 +332,22 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
             pool.put(sock, False)
             raise
         resp = Response(pool, sock, parse, head_only=method == "HEAD")
-        resp.deadline = deadline
+        resp.deadline, resp.read_s = deadline, read_s
         return resp
     raise BadGateway()
 
 
-def _read_head(sock: socket.socket, deadline: float | None, *, stale_ok: bool,
+def _read_head(sock: socket.socket, read_s: float, deadline: float | None, *, stale_ok: bool,
                head_only: bool) -> _Parse:
     parse = _Parse()
     received = bytearray()  # HEAD only: to see whether anything followed the head
     while not parse.head_done:
-        _arm(sock, deadline)
+        _arm(sock, read_s, deadline)
         try:
             # Never past MAX_HEAD + 1 bytes while the head is incomplete: a head that
             # completes within what was read is at most MAX_HEAD long.
             data = sock.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: the kernel's timeout
             raise RunnerTimeout() from None
         except OSError:  # a reset before any reply byte is a stale connection too
             data = b""
@@ -356,19 +372,28 @@ def _read_head(sock: socket.socket, deadline: float | None, *, stale_ok: bool,
 def _recv(sock: socket.socket) -> bytes:
     try:
         return sock.recv(CHUNK)
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):
         raise RunnerTimeout() from None
     except OSError:  # reset, or a TLS record that does not decrypt
         raise BadGateway() from None
 
 
-def _arm(sock: socket.socket, deadline: float | None) -> None:
+def _arm(sock: socket.socket, read_s: float, deadline: float | None) -> None:
     """Make the next blocking call end by ``deadline``: a runner dripping a byte at a
     time cannot stretch a call past it (socket timeouts bound each call, not their sum)."""
     if deadline is not None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise RunnerTimeout()
-        current = sock.gettimeout()
-        if current is None or left < current:
-            sock.settimeout(left)
+        _limit(sock, min(left, read_s))
+
+
+def _limit(sock: socket.socket, seconds: float) -> None:
+    """The longest any one recv or send on ``sock`` may wait."""
+    if sock.gettimeout() is None:  # a plain TCP connection: the kernel's timeouts
+        whole = int(seconds)
+        value = struct.pack("ll", whole, max(1, int((seconds - whole) * 1_000_000)))  # 0 is "never"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    else:
+        sock.settimeout(seconds)
