@@ -190,7 +190,15 @@ class Bench:
             for t in order:
                 for route, path, post in (("asset", t.asset_path, False), ("execute", t.execute_path, True)):
                     before = self.nginx.accepts()
+                    pids = t.gunicorn.workers() if t.gunicorn is not None else []
+                    cpu0 = [lib.cpu_seconds([p]) for p in pids]
                     res = self.wrk(f"http://127.0.0.1:{t.port}{path}", a.seconds, post=post)
+                    used = [lib.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
+                    if pids and res["requests"]:
+                        res["cpu_us"] = sum(used) / res["requests"] * 1e6
+                        # gunicorn does not balance keep-alive connections: now and then one
+                        # worker accepts all of wrk's, the other idles, and req/s halves.
+                        res["balanced"] = min(used) >= BALANCED_SHARE * sum(used)
                     after = self.nginx.accepts()
                     runs.setdefault((t.name, route), []).append(res)
                     acc, req = conns.get((t.name, route), (0, 0))
@@ -199,7 +207,10 @@ class Bench:
         table = []
         for t in targets:
             for route in ("asset", "execute"):
-                rs = runs[(t.name, route)]
+                every = runs[(t.name, route)]
+                # Rounds where one worker had every connection measure half a server: the
+                # medians leave them out (all are still in "rounds_rps").
+                rs = [x for x in every if x.get("balanced", True)] or every
                 acc, req = conns[(t.name, route)]
                 table.append({
                     "target": t.name, "route": route,
@@ -208,11 +219,17 @@ class Bench:
                     "p99_ms": statistics.median(x["p99_us"] for x in rs) / 1000,
                     "errors": sum(x["errors"] for x in rs),
                     "upstream_conns": acc, "upstream_reqs": req,
-                    "rounds_rps": [round(x["rps"]) for x in rs],
+                    "rounds_rps": [round(x["rps"]) for x in every],
+                    "rounds_used": f"{len(rs)}/{len(every)}",
+                    # Worker CPU per request: far steadier than req/s on a shared machine,
+                    # since time the CPUs spend elsewhere is not in it.
+                    "cpu_us": _median_or_none([x["cpu_us"] for x in rs if "cpu_us" in x]),
                 })
-        ref = {row["route"]: row["rps"] for row in table if row["target"] == "werkzeug ProxyMiddleware"}
+        ref = {row["route"]: row for row in table if row["target"] == "werkzeug ProxyMiddleware"}
         for row in table:
-            row["x_werkzeug"] = row["rps"] / ref[row["route"]]
+            wz = ref[row["route"]]
+            row["x_werkzeug"] = row["rps"] / wz["rps"]
+            row["cpu_x_werkzeug"] = (wz["cpu_us"] / row["cpu_us"]) if row["cpu_us"] and wz["cpu_us"] else None
         self.results["throughput"] = table
         for t in targets:
             if t.gunicorn is not None:
@@ -327,13 +344,16 @@ class Bench:
                      f"nginx worker_processes {a.nginx_workers}")
         lines.append("")
         if "throughput" in self.results:
-            lines.append("| target | route | req/s | p50 ms | p99 ms | x werkzeug | errors "
-                         "| upstream conns / reqs |")
-            lines.append("|---|---|---:|---:|---:|---:|---:|---|")
+            lines.append("| target | route | req/s | p50 ms | p99 ms | x werkzeug | worker CPU us/req "
+                         "| CPU x werkzeug | rounds | errors | upstream conns / reqs |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             for row in self.results["throughput"]:
+                cpu = "-" if row["cpu_us"] is None else f"{row['cpu_us']:.0f}"
+                cpu_x = "-" if row["cpu_x_werkzeug"] is None else f"{row['cpu_x_werkzeug']:.2f}"
                 lines.append(
                     f"| {row['target']} | {row['route']} | {row['rps']:.0f} | {row['p50_ms']:.2f} | "
-                    f"{row['p99_ms']:.2f} | {row['x_werkzeug']:.2f} | {row['errors']} | "
+                    f"{row['p99_ms']:.2f} | {row['x_werkzeug']:.2f} | {cpu} | {cpu_x} | "
+                    f"{row['rounds_used']} | {row['errors']} | "
                     f"{row['upstream_conns']} / {row['upstream_reqs']} |")
             lines.append("")
         if "streaming" in self.results:
@@ -416,6 +436,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.stream_reps = a.stream_reps or (1 if q else 2)
     a.reload_seconds = a.reload_seconds or (10.0 if q else 20.0)
     return a
+
+
+# A round counts when each gunicorn worker did at least this share of the CPU work.
+BALANCED_SHARE = 0.2
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ cookies, a client's service token), so that an exception quoting one of them
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -139,13 +140,55 @@ class Redactor(logging.Filter):
 def log_checked(logger: logging.Logger, message: str) -> None:
     """Log an INFO ``message`` built only from values known to hold no secret.
 
-    Use it on the hot path only (the access log): it skips the caller lookup and the
-    redaction pass, about half the cost of ``logger.info``. Handlers, formatters and
-    propagation are the logging module's as usual.
+    Use it on the hot path only (the access log): it skips the redaction pass, and when
+    the line would reach runner_mw's own stderr handler and nothing else (the host set up
+    no logging), it writes the very line that handler would, without building a record
+    (a third of a proxied request's cost here). Otherwise the record goes through the
+    logging module as usual: the host's handlers, filters and formatters apply.
     """
+    handler = _handler
+    if handler is not None and _only_ours(logger, handler):
+        line = _direct_line(logger.name, message, time.time(), json_format=handler.formatter is _JSON)
+        try:
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(line + handler.terminator)
+                handler.stream.flush()
+            return
+        except Exception:  # a closed or broken stream: the logging module reports it below
+            pass
     record = logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None)
     setattr(record, "_runner_mw_redacted", True)  # noqa: B010 - not a LogRecord attribute
     logger.handle(record)
+
+
+def _only_ours(logger: logging.Logger, handler: logging.StreamHandler[Any]) -> bool:
+    """Would an INFO record of ``logger`` reach ``handler`` alone, as it is set up by us?"""
+    top = logger.parent
+    return (not logger.handlers and logger.propagate and not logger.disabled
+            and logger.filters == [REDACTOR] and top is not None and top.name == "runner_mw"
+            and top.handlers == [handler] and (not top.propagate or not logging.root.handlers)
+            and handler.filters == [REDACTOR] and handler.level <= logging.INFO
+            and handler.formatter in (_TEXT, _JSON))
+
+
+_stamp_cache: tuple[int, bool, str] = (-1, False, "")
+
+
+def _direct_line(name: str, message: str, now: float, *, json_format: bool) -> str:
+    """What ``_TEXT`` or ``_JSON`` would make of an INFO record of ``name`` created ``now``."""
+    global _stamp_cache
+    second = int(now)
+    cached_second, cached_json, stamp = _stamp_cache
+    if cached_second != second or cached_json != json_format:
+        # strftime once a second, not once a line.
+        stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) if json_format
+                 else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        _stamp_cache = (second, json_format, stamp)
+    msecs = int((now - second) * 1000)
+    if json_format:
+        return json.dumps({"time": f"{stamp}.{msecs:03d}Z", "level": "info", "logger": name,
+                           "message": message}, separators=(",", ":"))
+    return f"{stamp},{msecs:03d} INFO {name} {message}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -169,7 +212,9 @@ class JsonFormatter(logging.Formatter):
 
 
 REDACTOR = Redactor()
-_handler: logging.Handler | None = None
+_handler: logging.StreamHandler[Any] | None = None
+_TEXT = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+_JSON = JsonFormatter()
 
 
 def secrets_of(config: Config) -> set[str]:
@@ -199,5 +244,4 @@ def setup_logging(config: Config) -> None:
         if top.level == logging.NOTSET:
             top.setLevel(logging.INFO)
     if _handler is not None:
-        _handler.setFormatter(JsonFormatter() if config.log_format == "json"
-                              else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        _handler.setFormatter(_JSON if config.log_format == "json" else _TEXT)

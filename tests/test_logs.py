@@ -31,6 +31,7 @@ from testsecrets import (
     leaked_in,
 )
 
+from runner_mw import logs
 from runner_mw.loader import config_from_mapping
 from runner_mw.logs import REDACTOR, JsonFormatter, bind_request, request_secrets, setup_logging
 
@@ -268,3 +269,68 @@ def test_the_session_guard_fails_a_run_that_logs_a_secret(pytester: pytest.Pytes
     fine = "import logging\n\ndef test_fine():\n    logging.getLogger('x').error('ok')\n"
     pytester.makepyfile(test_fine=fine)
     assert pytester.runpytest_subprocess("-p", "no:cacheprovider").ret == pytest.ExitCode.OK
+
+
+# --------------------------------------------------------------------------- access-log fast path
+
+
+@pytest.mark.parametrize("json_format", [False, True])
+def test_the_direct_access_line_is_the_line_the_formatter_makes(json_format: bool) -> None:
+    for created in (1764240000.123, 1764240059.999, 1764240060.0):
+        record = logging.LogRecord("runner_mw.access", logging.INFO, "", 0, 'request "x" é', (), None)
+        record.created, record.msecs = created, float(int((created - int(created)) * 1000))
+        formatter = logs._JSON if json_format else logs._TEXT
+        assert logs._direct_line("runner_mw.access", 'request "x" é', created,
+                                 json_format=json_format) == formatter.format(record)
+
+
+FAST = SETUP + """
+    import runner_mw.logs as logs
+    setup_logging(config)
+    def no_records(*args, **kwargs):
+        raise AssertionError("a LogRecord was made")
+    original = logging.Logger.makeRecord
+    logging.Logger.makeRecord = no_records
+    access = logging.getLogger("runner_mw.access")
+    logs.log_checked(access, "request route=asset status=200")
+    logging.Logger.makeRecord = original
+"""
+
+
+def test_with_no_host_logging_the_access_line_is_written_without_a_record() -> None:
+    proc = python(FAST)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stderr)
+    assert (doc["level"], doc["logger"], doc["message"]) == ("info", "runner_mw.access",
+                                                             "request route=asset status=200")
+
+
+@pytest.mark.parametrize("host_setup", [
+    'logging.basicConfig(level=logging.INFO, format="HOST %(name)s %(message)s")',
+    'access.addHandler(logging.StreamHandler()); access.handlers[0].setFormatter('
+    'logging.Formatter("HOST %(name)s %(message)s"))',
+    'logging.getLogger("runner_mw").handlers[0].setFormatter(logging.Formatter("HOST %(name)s %(message)s"))',
+])
+def test_any_logging_set_up_by_the_host_gets_the_access_line_its_own_way(host_setup: str) -> None:
+    proc = python(SETUP + f"""
+    import runner_mw.logs as logs
+    setup_logging(config)
+    access = logging.getLogger("runner_mw.access")
+    {host_setup}
+    logs.log_checked(access, "request route=asset status=200")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "HOST runner_mw.access request route=asset status=200" in proc.stderr.splitlines()
+
+
+def test_a_host_filter_on_the_access_logger_still_applies() -> None:
+    proc = python(SETUP + """
+    import runner_mw.logs as logs
+    setup_logging(config)
+    access = logging.getLogger("runner_mw.access")
+    access.addFilter(lambda record: False)
+    logs.log_checked(access, "request route=asset status=200")
+    print("done")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
