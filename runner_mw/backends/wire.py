@@ -313,8 +313,7 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
         sock, reused = pool.get(check=not (retry_stale and attempt == 1))
         deadline = None if total_s is None else time.monotonic() + total_s
         try:
-            _limit(sock, read_s)
-            _arm(sock, read_s, deadline)
+            _limit(sock, read_s if total_s is None else min(read_s, total_s), send=True)
             try:
                 sock.sendall(data)
             except (TimeoutError, BlockingIOError):
@@ -388,12 +387,13 @@ def _arm(sock: socket.socket, read_s: float, deadline: float | None) -> None:
         _limit(sock, min(left, read_s))
 
 
-def _limit(sock: socket.socket, seconds: float) -> None:
-    """The longest any one recv or send on ``sock`` may wait."""
+def _limit(sock: socket.socket, seconds: float, *, send: bool = False) -> None:
+    """The longest any one recv (and with ``send``, send) on ``sock`` may wait."""
     if sock.gettimeout() is None:  # a plain TCP connection: the kernel's timeouts
         whole = int(seconds)
         value = struct.pack("ll", whole, max(1, int((seconds - whole) * 1_000_000)))  # 0 is "never"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        if send:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
     else:
         sock.settimeout(seconds)
