@@ -174,7 +174,10 @@ def test_the_body_streams_in_bounded_pieces_and_not_all_at_once() -> None:
         finally:
             resp.release()
         assert sum(map(len, pieces)) == size
-        assert max(map(len, pieces)) <= 2 * wire.CHUNK and len(pieces) >= size // (2 * wire.CHUNK)
+        # The first piece comes after about CHUNK bytes; then pieces of about STREAM_CHUNK.
+        assert wire.CHUNK <= len(pieces[0]) <= 2 * wire.CHUNK
+        assert max(map(len, pieces)) <= 2 * wire.STREAM_CHUNK
+        assert len(pieces) >= size // (2 * wire.STREAM_CHUNK)
 
 
 # -------------------------------------------------------------------------- what is sent
