@@ -76,23 +76,25 @@ def handle_asset(
         extra = [("Retry-After", "1")] if exc.status == 503 else []
         return error(start_response, exc.status, exc.code, rid, headers=extra)
     try:
-        # Read the first chunk before answering: while nothing is sent, a runner that fails
-        # now still gets the client a JSON 502/504 (not the server's own 500 page).
-        first = next(upstream.chunks, b"")
-    except UpstreamError as exc:
-        upstream.close()
-        done(exc.status)
-        return error(start_response, exc.status, exc.code, rid)
-    out = response_headers(upstream.headers)
-    if not (200 <= upstream.status < 300 or upstream.status == 304):
-        # The runner marks every reply immutable; an error page must not be cached.
-        out = [(n, v) for n, v in out if n.lower() != "cache-control"]
-        out.append(("Cache-Control", "no-store"))
-    out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
-    out.append(("X-Request-Id", rid))
-    try:
+        try:
+            # Read the first chunk before answering: while nothing is sent, a runner that
+            # fails now still gets the client a JSON 502/504 (not the server's own 500 page).
+            first = next(upstream.chunks, b"")
+        except UpstreamError as exc:
+            upstream.close()
+            done(exc.status)
+            return error(start_response, exc.status, exc.code, rid)
+        out = response_headers(upstream.headers)
+        if not (200 <= upstream.status < 300 or upstream.status == 304):
+            # The runner marks every reply immutable; an error page must not be cached.
+            out = [(n, v) for n, v in out if n.lower() != "cache-control"]
+            out.append(("Cache-Control", "no-store"))
+        out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
+        out.append(("X-Request-Id", rid))
         start_response(status_line(upstream.status), out)
     except BaseException:
+        # Whatever fails before the body is handed over gives the connection back (closed):
+        # a pool slot kept by a failed request would end, after pool_size of them, in 503s.
         upstream.close()
         done(upstream.status)
         raise

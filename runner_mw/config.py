@@ -35,7 +35,7 @@ DEFAULT_RETRY_BACKOFF_MS = 100
 @dataclass(frozen=True)
 class Timeouts:
     """Upstream timeouts: ``connect_ms`` bounds the connect; ``read_ms`` is the total
-    deadline of an execute call and the first-byte / silence bound for assets."""
+    deadline of an execute call; for assets it bounds the reply head, then each silence."""
 
     connect_ms: int = DEFAULT_CONNECT_MS
     read_ms: int = DEFAULT_READ_MS

@@ -27,16 +27,20 @@ import contextlib
 import http.client
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import requests
+from requires import missing
 from standin import StandinRunner
 
 from runner_mw import RunnerMiddleware
@@ -353,3 +357,16 @@ def kind(request: pytest.FixtureRequest) -> str:
 def gateway(kind: str, gateways: Callable[..., Gateway]) -> Gateway:
     """The shared gateway of ``kind`` (werkzeug server), its runner and app records cleared."""
     return gateways(kind)
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1 (openssl)."""
+    if shutil.which("openssl") is None:
+        missing("openssl is not installed (apt-get install openssl)")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return cert, key

@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 from mwfixtures import (
@@ -219,6 +220,29 @@ def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(kind: 
         peers = [r.peer for r in gw.runner.received]
         assert peers[1] != peers[0]  # the half-read connection was closed, never reused
         assert peers[1] == peers[2] == peers[3]  # the others are kept alive
+
+
+def test_a_failure_before_the_body_is_handed_over_releases_the_upstream_connection(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug between the runner's head and the WSGI body (simulated here) must not keep the
+    # pooled connection: with pool_size 1 the next request would wait, then get 503.
+    import runner_mw.assets as assets_mod
+
+    calls = {"n": 0}
+    real = assets_mod.response_headers
+
+    def failing_once(headers: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated bug")
+        return real(headers)
+
+    monkeypatch.setattr(assets_mod, "response_headers", failing_once)
+    with running_gateway(kind, upstream={"pool_size": 1, "pool_wait_ms": 500}) as gw:
+        assert gw.get(INDEX + Q).status_code == 500  # the middleware's own JSON 500
+        started = time.monotonic()
+        assert gw.get(INDEX + Q).status_code == 200
+        assert time.monotonic() - started < 0.5  # no wait for a slot that was never freed
 
 
 class CutMidBodyRunner:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +31,6 @@ from mwfixtures import (
     send,
     wait_until,
 )
-from requires import missing
 from standin import GarbageRunner, SilentRunner, StandinRunner, closed_port
 
 from runner_mw.backends import RunnerBackend, build_backend
@@ -353,18 +350,6 @@ def test_https_to_a_plain_http_port_fails(kind: str) -> None:
         with running_gateway(kind, runner_url=url) as gw:
             resp = gw.execute()
             assert resp.status_code == 502 and resp.json()["error"] in ("runner_unreachable", "bad_gateway")
-
-
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        missing("openssl is not installed (apt-get install openssl)")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 @contextlib.contextmanager

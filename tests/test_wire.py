@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import httptools
 import pytest
@@ -24,6 +26,8 @@ from runner_mw.backends import wire
 from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreachable
 
 Step = bytes | Callable[[socket.socket], None]
+pytest_plugins = ["mwfixtures"]
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
 
 
@@ -269,7 +273,8 @@ def test_a_refused_connect_is_not_sent() -> None:
 
 
 def _drip(conn: socket.socket) -> None:
-    for byte in OK:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")  # the head at once
+    for byte in b"0123456789":
         conn.sendall(bytes([byte]))
         time.sleep(0.1)
 
@@ -281,7 +286,7 @@ def test_total_s_bounds_a_dripping_reply_and_read_s_bounds_each_silence() -> Non
             get(pool, read_s=1.0, total_s=0.5)
         assert time.monotonic() - started < 1.5
     with Scripted([_drip]) as server, pool_for(server) as pool:
-        assert get(pool, read_s=1.0)[2] == b"hi"  # each silence is short: it completes
+        assert get(pool, read_s=0.5)[2] == b"0123456789"  # 1 s in all, each silence short: complete
 
     def silent(conn: socket.socket) -> None:
         time.sleep(1.5)
@@ -335,3 +340,102 @@ def test_an_encoded_request_is_refused_or_parses_back_to_exactly_what_was_given(
     if body is not None:
         expected.append(("content-length", str(len(body))))
     assert sent == expected
+
+
+# -------------------------------------------------------------------------- review findings
+
+
+class _Later:
+    """A step: the reply, then (once the client had it) stray bytes on the same connection."""
+
+    def __init__(self, reply: bytes, stray: bytes) -> None:
+        self.reply, self.stray = reply, stray
+        self.sent = False
+
+    def __call__(self, conn: socket.socket) -> None:
+        conn.sendall(self.reply)
+        time.sleep(0.05)
+        conn.sendall(self.stray)
+        self.sent = True
+
+
+@pytest.mark.parametrize(("method", "reply"), [
+    ("GET", OK),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 4\r\n\r\n"),
+], ids=["second-reply", "head-body-late", "304-body-late"])
+def test_bytes_that_arrive_after_a_reply_never_become_the_next_requests_reply(method: str,
+                                                                              reply: bytes) -> None:
+    late = _Later(reply, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+    with Scripted([late, OK], [OK]) as server, pool_for(server) as pool:
+        get(pool, method)
+        wait_until(lambda: late.sent, what="stray bytes sent")
+        time.sleep(0.05)  # let them arrive
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 2
+
+
+def test_total_s_bounds_sending_to_a_runner_that_reads_slowly() -> None:
+    body = b"x" * (16 * 1024 * 1024)  # well over what loopback socket buffers hold
+
+    def slow_reader(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and conn.recv(16 * 1024):
+            time.sleep(0.01)  # steady progress: every send of the client moves a little
+
+    with Scripted() as server, pool_for(server) as pool:
+        server.serve = slow_reader  # type: ignore[method-assign]
+        started = time.monotonic()
+        with pytest.raises(RunnerTimeout):
+            get(pool, "POST", body=body, read_s=1.0, total_s=1.0)
+        assert time.monotonic() - started < 3.0
+
+
+def _drip_head(conn: socket.socket) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 40 + b"\r\nContent-Length: 2\r\n\r\nhi"
+    for i in range(len(head)):
+        conn.sendall(head[i:i + 1])
+        time.sleep(0.05)
+
+
+def test_a_head_dripped_slower_than_read_s_in_all_is_a_timeout_even_for_assets() -> None:
+    # Each silence is 0.05 s, far under read_s; the whole head would take ~4 s.
+    with Scripted([_drip_head]) as server, pool_for(server) as pool:
+        started = time.monotonic()
+        with pytest.raises(RunnerTimeout):
+            get(pool, read_s=0.8)  # an asset fetch: no total deadline, the head has one
+        assert time.monotonic() - started < 2.0
+
+
+def test_over_tls_a_body_cut_without_close_notify_is_not_complete(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+
+    def truncated(conn: socket.socket) -> None:
+        tls = server_ctx.wrap_socket(conn, server_side=True)
+        _read_request(tls)
+        tls.sendall(b"HTTP/1.1 200 OK\r\n\r\npart-of-a-long-bo")  # framed by the close
+        tls.shutdown(socket.SHUT_RDWR)  # drops the TLS layer first: a bare TCP close, no close_notify
+        tls.close()
+
+    with Scripted() as server:
+        server.serve = truncated  # type: ignore[method-assign]
+        pool = wire.Pool("127.0.0.1", server.port, tls=ssl.create_default_context(cafile=str(cert)),
+                         maxsize=1, wait_s=1.0, connect_s=2.0)
+        try:
+            with pytest.raises(BadGateway):
+                get(pool)
+        finally:
+            pool.close()
+
+
+@pytest.mark.parametrize(("method", "target"), [
+    ("GET", "/a?\x00"), ("GET", "/a?\x0bb"), ("GET", "/a?\tb"), ("GET", "/a?\x7f"), ("GET", "/a?\xe9"),
+    ("GET", "a"), ("get", "/a"), ("GET /x HTTP/1.1\r\n", "/a"), ("", "/a"),
+])
+def test_request_lines_that_a_lenient_runner_might_read_otherwise_are_refused(method: str,
+                                                                              target: str) -> None:
+    with pytest.raises(ValueError):
+        wire.encode_request(method, target, {"host": "h"}, None)

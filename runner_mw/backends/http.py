@@ -18,13 +18,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from runner_mw.backends import wire
 from runner_mw.backends.base import AssetResponse, ExecuteReply, RunnerBackend
 from runner_mw.errors import BadGateway, RunnerTimeout, UpstreamError
 
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_QUERY_SAFE = "!$&'()*+,;=:@/?-._~%"  # RFC 3986 query characters, and '%' of existing escapes
+_QUERY_PLAIN = re.compile(r"[A-Za-z0-9!$&'()*+,;=:@/?._~-]*")
+
+
+def _query(query: str) -> str:
+    """The query as the client sent it, but for what a request line cannot carry as is: a
+    stray '%' becomes %25 (as any client would), and spaces, control characters and
+    non-ASCII bytes are percent-encoded (existing escapes are kept, %2f stays %2f)."""
+    if _QUERY_PLAIN.fullmatch(query):
+        return query
+    return quote(_STRAY_PERCENT.sub("%25", query), safe=_QUERY_SAFE, encoding="latin-1")
 HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
 
 
@@ -127,8 +138,7 @@ class HTTPBackend(RunnerBackend):
         return ExecuteReply(resp.status, resp.headers, data)
 
     def fetch_asset(self, method: str, path: str, query: str, headers: dict[str, str]) -> AssetResponse:
-        # A stray '%' is escaped, as every client would: the rest of the query goes as given.
-        target = "/" + path + ("?" + _STRAY_PERCENT.sub("%25", query) if query else "")
+        target = "/" + path + ("?" + _query(query) if query else "")
         with mapped_errors():
             resp = self._send(method, target, None, headers, read_s=self._read_s)
         return AssetResponse(status=resp.status, headers=resp.headers,

@@ -41,6 +41,8 @@ CHUNK = 64 * 1024
 STREAM_CHUNK = 256 * 1024  # after the first piece: a quarter of the syscalls for a big asset
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _TOKENS = re.compile(f"{_TOKEN}(?: {_TOKEN})*")  # header names joined by spaces
+_TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control or non-ASCII byte
+_METHOD = re.compile(r"[A-Z]+")
 _OTHER_CTL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")  # control characters but HTAB, LF, CR
 
 
@@ -79,11 +81,12 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self, *, check: bool = True) -> tuple[socket.socket, bool]:
+    def get(self) -> tuple[socket.socket, bool]:
         """A connection and whether it was used before. Raises ``Overloaded`` or ``NotSent``.
 
-        ``check=False`` skips looking for a close from the runner on an idle connection
-        (one syscall): only for requests that are sent again when that happens (GET, HEAD).
+        An idle connection is reused only if nothing arrived on it while it sat in the pool:
+        a close from the runner, or stray bytes (a body sent late to a HEAD, a second reply)
+        that would otherwise be read as the next request's reply.
         """
         if not self._slots.acquire(timeout=self.wait_s):
             raise Overloaded()
@@ -93,7 +96,7 @@ class Pool:
                     sock = self._idle.pop() if self._idle else None
                 if sock is None:
                     return self._connect(), False
-                if not check or not _dropped(sock):
+                if not _dropped(sock):
                     return sock, True
                 sock.close()
         except BaseException:
@@ -128,7 +131,8 @@ class Pool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                # A TCP close without TLS's close_notify must not end a body cleanly.
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host, suppress_ragged_eofs=False)
             else:
                 # Blocking, with the kernel's per-call timeouts (``_limit``): a Python timeout
                 # polls before every recv and send, one more syscall and GIL release each.
@@ -287,8 +291,8 @@ def encode_request(method: str, target: str, headers: dict[str, str], body: byte
     Raises ``ValueError`` for a name that is not a token, or a value with a control
     character other than HTAB (RFC 9110): the allow-lists should have dropped them, and
     a header must never split in two."""
-    if " " in target or "\r" in target or "\n" in target:
-        raise ValueError("target not fit to send")
+    if not _TARGET.fullmatch(target) or not _METHOD.fullmatch(method):
+        raise ValueError("request line not fit to send")
     # Checked in bulk, not header by header (this runs on every request): every name a
     # token, and no control character in the values (CR and LF only as the line ends).
     names = " ".join(headers)
@@ -307,26 +311,31 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
             total_s: float | None = None) -> Response:
     """Send one encoded request (``encode_request``) and read the reply head.
 
-    ``read_s`` bounds every wait for bytes; ``total_s``, when given, bounds everything
-    after the connect, body included (``Response.deadline``). A reused connection that the runner
+    ``read_s`` bounds every wait for bytes and the whole reply head; ``total_s``, when
+    given, bounds everything after the connect, body included (``Response.deadline``).
+    A reused connection that the runner
     closed before any reply byte is replaced once for GET and HEAD (never for POST:
     the runner may have acted on it).
     """
     retry_stale = method in ("GET", "HEAD")
     for attempt in (1, 2):
-        sock, reused = pool.get(check=not (retry_stale and attempt == 1))
-        deadline = None if total_s is None else time.monotonic() + total_s
+        sock, reused = pool.get()
+        started = time.monotonic()
+        deadline = None if total_s is None else started + total_s
         try:
             _limit(sock, read_s if total_s is None else min(read_s, total_s), send=True)
             try:
-                sock.sendall(data)
+                _send_all(sock, data, deadline)
             except (TimeoutError, BlockingIOError):
                 raise RunnerTimeout() from None
             except OSError:  # reset or broken pipe: the runner dropped an idle connection
                 if reused and retry_stale and attempt == 1:
                     raise _Stale() from None
                 raise BadGateway() from None
-            parse = _read_head(sock, read_s, deadline, stale_ok=reused and retry_stale and attempt == 1,
+            # The head must come whole within read_s (or the total deadline): a runner
+            # dripping it byte by byte cannot hold a pool slot for long.
+            head_by = started + read_s if deadline is None else min(deadline, started + read_s)
+            parse = _read_head(sock, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
                                head_only=method == "HEAD")
         except _Stale:
             pool.put(sock, False)
@@ -338,6 +347,21 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
         resp.deadline, resp.read_s = deadline, read_s
         return resp
     raise BadGateway()
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
+    """``sendall``, but within ``deadline``: a runner reading slowly but steadily would keep
+    a plain ``sendall`` going, each ``send`` making a little progress within its timeout."""
+    if deadline is None:
+        sock.sendall(data)
+        return
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RunnerTimeout()
+        _limit(sock, left, send=True)
+        view = view[sock.send(view):]
 
 
 def _read_head(sock: socket.socket, read_s: float, deadline: float | None, *, stale_ok: bool,
