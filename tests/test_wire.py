@@ -335,7 +335,9 @@ def test_an_encoded_request_is_refused_or_parses_back_to_exactly_what_was_given(
     got = _Request()
     httptools.HttpRequestParser(got).feed_data(data)
     assert got.done or body is None
-    sent = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in got.headers]
+    # Values compared without surrounding whitespace (RFC 9110's OWS, not part of a value):
+    # llhttp drops it before a value but keeps a trailing HTAB.
+    sent = [(n.decode("latin-1"), v.decode("latin-1").strip(" \t")) for n, v in got.headers]
     expected = [(n, v.strip(" \t")) for n, v in headers.items()]
     if body is not None:
         expected.append(("content-length", str(len(body))))
