@@ -58,17 +58,11 @@ _request_credentials: contextvars.ContextVar[tuple[Any, ...]] = contextvars.Cont
     "runner_mw_request_credentials", default=(None, None, None, None))
 
 
-def request_secrets(environ: Mapping[str, Any]) -> tuple[str, ...]:
+def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any,
+                cookie: Any) -> tuple[str, ...]:
     """The credential values a request carries: Authorization (whole and without its
     scheme), each cookie value, a client-sent service token. Values under 4 characters
     are left out (redacting them would garble every line)."""
-    get = environ.get
-    return _secrets_of(get("HTTP_AUTHORIZATION"), get("HTTP_PROXY_AUTHORIZATION"),
-                       get("HTTP_X_RUNNER_SERVICE_TOKEN"), get("HTTP_COOKIE"))
-
-
-def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any,
-                cookie: Any) -> tuple[str, ...]:
     found: list[str] = []
     for value in (authorization, proxy_authorization, service_token):
         if isinstance(value, str) and value.strip():

@@ -31,7 +31,16 @@ from mwfixtures import (
     send,
     serve_wsgi,
 )
-from standin import DripRunner, GarbageRunner, SilentRunner, StandinRunner, closed_port, stream_digest
+from standin import (
+    DripRunner,
+    GarbageRunner,
+    SilentRunner,
+    StandinRunner,
+    _RawServer,
+    _read_request,
+    closed_port,
+    stream_digest,
+)
 
 from runner_mw import RunnerMiddleware
 from runner_mw.devrunner import SAMPLE_BUNDLES
@@ -245,50 +254,26 @@ def test_a_failure_before_the_body_is_handed_over_releases_the_upstream_connecti
         assert time.monotonic() - started < 0.5  # no wait for a slot that was never freed
 
 
-class CutMidBodyRunner:
+class CutMidBodyRunner(_RawServer):
     """Answers 200 with a head and part of a body, then, once ``go`` is set, resets the
     connection (``reset=True``) or just stays silent until the end of the test."""
 
+    conn_timeout = 10.0
+
     def __init__(self, *, chunked: bool = False, reset: bool = True, total: int = 1_000_000,
                  sent: int = 200_000) -> None:
+        super().__init__()
         self.chunked, self.reset, self.total, self.sent = chunked, reset, total, sent
         self.go = threading.Event()
-        self._stop = threading.Event()
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.settimeout(0.05)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
-
-    def __enter__(self) -> CutMidBodyRunner:
-        self._thread.start()
-        return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._stop.set()
         self.go.set()
-        self._thread.join(10)
-        self._listener.close()
+        super().__exit__(et, ev, tb)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._answer(conn)
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            data += chunk
+    def serve(self, conn: socket.socket) -> None:
+        if _read_request(conn) is None:
+            return
         framing = b"Transfer-Encoding: chunked" if self.chunked else b"Content-Length: %d" % self.total
         body = b"a" * self.sent
         if self.chunked:

@@ -8,10 +8,8 @@ tests against that version (the supported range is pinned in setup.py).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
@@ -19,7 +17,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -30,19 +27,11 @@ import mwfixtures
 import pytest
 import requests
 from standin import StandinRunner
-
-from runner_mw.devrunner import SAMPLE_CONTENT_HASH, SAMPLE_EXTENSION_ID
+from traffic import ASSET, BROKEN, CLOSE, T, Traffic, config_text
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "config" / "gunicorn.conf.py"
 HOST = "127.0.0.1"
-T = 60.0  # seconds: every wait is a poll with a generous deadline (a busy 2-core machine)
-ASSET = f"/runner/ext-ui/{SAMPLE_EXTENSION_ID}/{SAMPLE_CONTENT_HASH}/index.html?tenant=t1"
-ENVELOPE = {
-    "context": {"tenant_id": "t1", "extension_id": SAMPLE_EXTENSION_ID, "content_hash": SAMPLE_CONTENT_HASH},
-    "http": {"method": "GET", "path": "/hello"},
-}
-CLOSE = {"Connection": "close"}  # a new connection per request: the kernel spreads them over workers
 
 # The app gunicorn loads: a plain WSGI app wrapped in the middleware, reading $RUNNER_MW_CONFIG.
 # It also tells where it was imported and which threads existed then (preload_app checks).
@@ -62,14 +51,7 @@ application = RunnerMiddleware(hello, os.environ["RUNNER_MW_CONFIG"])
 THREADS = sorted(t.name for t in threading.enumerate())
 """
 
-BROKEN = "version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: htp://x\n"
 BROKEN_LINE = ":6: backends.a.url"
-
-
-def config_text(runner: StandinRunner, *, read_ms: int = 30000) -> str:
-    """A config whose active backend is named after the stand-in (so status shows which)."""
-    return (f"version: 1\nbackend: {runner.name}\nbackends:\n  {runner.name}:\n"
-            f"    kind: docker\n    url: {runner.url}\ntimeouts:\n  connect_ms: 2000\n  read_ms: {read_ms}\n")
 
 
 def write_atomically(file: Path, text: str) -> None:
@@ -210,61 +192,6 @@ def gunicorn(tmp_path: Path, config_file: Path, **options: Any) -> Iterator[Guni
     assert list(server.tmpdir.iterdir()) == [], "on_exit leaves no state folder behind"
 
 
-class Traffic:
-    """Client threads sending asset GETs and execute POSTs until stopped; counts what they saw.
-
-    One thread keeps its connection alive (gthread pins it to one worker), one opens a new
-    connection per request (spread over the workers).
-    """
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.ok = 0
-        self.failures: list[str] = []
-        self.runners: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(keep_alive,), daemon=True)
-                         for keep_alive in (True, False)]
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(T)
-
-    def wait_for(self, count: int) -> None:
-        start = self.ok
-        wait_until(lambda: self.ok >= start + count or self.failures, what="client traffic")
-
-    def _run(self, keep_alive: bool) -> None:
-        headers = {} if keep_alive else CLOSE
-        with requests.Session() as session:
-            while not self._stop.is_set():
-                try:
-                    self._one(session, headers)
-                except Exception as exc:  # a failed request is what the tests count
-                    with self._lock:
-                        self.failures.append(repr(exc))
-
-    def _one(self, session: requests.Session, headers: dict[str, str]) -> None:
-        with session.get(self.base + ASSET, headers=headers, timeout=30) as resp:
-            if resp.status_code != 200 or b"<html" not in resp.content.lower():
-                raise AssertionError(f"asset {resp.status_code} {resp.content[:200]!r}")
-            asset_runner = resp.headers["x-standin"]
-        with session.post(self.base + "/v1/execute", json=ENVELOPE, headers=headers, timeout=30) as resp:
-            if resp.status_code != 200:
-                raise AssertionError(f"execute {resp.status_code} {resp.content[:200]!r}")
-            echo = json.loads(base64.b64decode(resp.json()["body_b64"]))
-        with self._lock:
-            self.runners |= {asset_runner, echo["runner"]}
-            self.ok += 2
-
-
 @pytest.fixture
 def runners() -> Iterator[tuple[StandinRunner, StandinRunner]]:
     with StandinRunner(name="a") as a, StandinRunner(name="b") as b:
@@ -295,7 +222,7 @@ def test_20_hups_switch_backends_in_place_without_failing_a_request(
         assert {d["generation"] for d in first.values()} == {1}
         assert f"Using worker: {worker_class}" in server.text()
         switch_s: list[float] = []
-        with Traffic(server.base) as traffic:
+        with Traffic(server.base, keep_alive=(True, False)) as traffic:
             traffic.wait_for(4)
             for i in range(20):
                 runner = runners[(i + 1) % 2]

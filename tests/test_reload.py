@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -23,30 +21,17 @@ import mwfixtures
 import pytest
 import requests
 from standin import StandinRunner
+from traffic import ASSET, BROKEN, T, Traffic, config_text
 from werkzeug.serving import make_server
 
 from runner_mw import RunnerMiddleware
 from runner_mw import reload as reload_mod
 from runner_mw.cli import main as cli_main
-from runner_mw.devrunner import SAMPLE_CONTENT_HASH, SAMPLE_EXTENSION_ID
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-T = 60.0  # seconds: deadlines are generous, a busy 2-core machine must not flake
-ASSET = f"/runner/ext-ui/{SAMPLE_EXTENSION_ID}/{SAMPLE_CONTENT_HASH}/index.html?tenant=t1"
-ENVELOPE = {
-    "context": {"tenant_id": "t1", "extension_id": SAMPLE_EXTENSION_ID, "content_hash": SAMPLE_CONTENT_HASH},
-    "http": {"method": "GET", "path": "/hello"},
-}
 
 
-def config_text(runner: StandinRunner, *, read_ms: int = 30000) -> str:
-    """A config whose active backend is named after the stand-in (so status shows which)."""
-    return (f"version: 1\nbackend: {runner.name}\nbackends:\n  {runner.name}:\n"
-            f"    kind: docker\n    url: {runner.url}\ntimeouts:\n  read_ms: {read_ms}\n")
-
-
-BROKEN = "version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: htp://x\n"
 
 
 def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -83,52 +68,6 @@ def served(app: Any) -> Iterator[str]:
         server.shutdown()
         thread.join(T)
         server.server_close()
-
-
-class Traffic:
-    """A client thread sending asset GETs and execute POSTs until stopped; counts what it saw."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.ok = 0
-        self.failures: list[str] = []
-        self.runners: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(T)
-
-    def wait_for(self, count: int) -> None:
-        start = self.ok
-        wait_until(lambda: self.ok >= start + count or self.failures, what="client traffic")
-
-    def _run(self) -> None:
-        with requests.Session() as session:
-            while not self._stop.is_set():
-                try:
-                    self._one(session)
-                except Exception as exc:  # a failed request is what the tests count
-                    self.failures.append(repr(exc))
-
-    def _one(self, session: requests.Session) -> None:
-        resp = session.get(self.base + ASSET, timeout=30)
-        if resp.status_code != 200 or b"<html" not in resp.content.lower():
-            self.failures.append(f"asset {resp.status_code} {resp.content[:100]!r}")
-            return
-        self.runners.add(resp.headers["x-standin"])
-        resp = session.post(self.base + "/v1/execute", json=ENVELOPE, timeout=30)
-        if resp.status_code != 200:
-            self.failures.append(f"execute {resp.status_code} {resp.content[:100]!r}")
-            return
-        echo = json.loads(base64.b64decode(resp.json()["body_b64"]))
-        self.runners.add(echo["runner"])
-        self.ok += 2
 
 
 @pytest.fixture

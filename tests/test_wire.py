@@ -69,7 +69,7 @@ def get(pool: wire.Pool, method: str = "GET", *, body: bytes | None = None, read
     data = wire.encode_request(method, "/x", {"host": "runner"}, body)
     resp = wire.request(pool, method, data, read_s=read_s, total_s=total_s)
     try:
-        return resp.status, resp.headers, resp.read_all(resp.deadline, 1 << 20)
+        return resp.status, resp.headers, resp.read_all(1 << 20)
     finally:
         resp.release()
 
@@ -254,7 +254,7 @@ def test_a_full_pool_is_overloaded_after_the_wait_and_a_released_slot_is_reusabl
         with pytest.raises(Overloaded):
             wire.request(pool, "GET", data, read_s=2.0)
         assert time.monotonic() - started >= 0.15
-        held.read_all(None, 10)
+        held.read_all(10)
         held.release()
         held.release()  # idempotent: the slot is not freed twice
         assert get(pool)[2] == b"hi"
@@ -304,7 +304,7 @@ def test_close_drops_idle_connections_and_busy_ones_when_they_come_back() -> Non
         data = wire.encode_request("GET", "/x", {"host": "h"}, None)
         busy = wire.request(pool, "GET", data, read_s=2.0)
         pool.close()
-        busy.read_all(None, 10)
+        busy.read_all(10)
         busy.release()
         assert pool._idle == []
 

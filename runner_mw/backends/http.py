@@ -132,7 +132,7 @@ class HTTPBackend(RunnerBackend):
             resp = self._send("POST", "/v1/execute", body, headers, read_s=self._read_s,
                               total_s=self._read_s)
             try:
-                data = resp.read_all(resp.deadline, self.settings.max_reply_bytes)
+                data = resp.read_all(self.settings.max_reply_bytes)
             finally:
                 resp.release()
         return ExecuteReply(resp.status, resp.headers, data)
@@ -157,7 +157,7 @@ class HTTPBackend(RunnerBackend):
             try:
                 resp = wire.request(probe, "GET", data, read_s=HEALTH_READ_S, total_s=HEALTH_READ_S)
                 try:
-                    resp.read_all(resp.deadline, 64 * 1024)
+                    resp.read_all(64 * 1024)
                 finally:
                     resp.release()
             finally:

@@ -224,7 +224,8 @@ class Response:
     was read exactly to its end and the runner keeps it open; otherwise it is closed.
     """
 
-    def __init__(self, pool: Pool, sock: socket.socket, parse: _Parse, *, head_only: bool) -> None:
+    def __init__(self, pool: Pool, sock: socket.socket, parse: _Parse, *, head_only: bool,
+                 read_s: float, deadline: float | None) -> None:
         self.status = parse.status
         self.headers = parse.headers
         self._pool, self._sock, self._parse = pool, sock, parse
@@ -233,14 +234,14 @@ class Response:
         # only when nothing followed the head, so the connection can be kept.
         self._head_only = head_only
         self._released = False
-        self.deadline: float | None = None  # set by ``request`` when the call has a total deadline
-        self.read_s = 0.0  # set by ``request``
+        self.read_s = read_s  # the longest silence
+        self.deadline = deadline  # the end of the whole call (time.monotonic), or None
 
-    def stream(self, deadline: float | None = None) -> Iterator[bytes]:
+    def stream(self) -> Iterator[bytes]:
         """The body in pieces: the first of about ``CHUNK`` bytes, then of about
         ``STREAM_CHUNK`` (fewer, larger reads and writes for a big body; the last piece may be
-        shorter). The socket timeout bounds each silence; ``deadline`` (``time.monotonic``)
-        bounds the whole. A body cut short raises ``BadGateway``."""
+        shorter). ``read_s`` bounds each silence, ``deadline`` (when set) the whole. A body
+        cut short raises ``BadGateway``."""
         parse, sock = self._parse, self._sock
         if self._head_only:
             return
@@ -251,7 +252,7 @@ class Response:
                 pieces, parse.body, size = parse.body, [], 0
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 target = STREAM_CHUNK
-            _arm(sock, self.read_s, deadline)
+            _arm(sock, self.read_s, self.deadline)
             data = _recv(sock, target - size if size < target else target)
             if not data:
                 if parse.framed:
@@ -264,11 +265,11 @@ class Response:
             pieces, parse.body = parse.body, []
             yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def read_all(self, deadline: float | None, cap: int) -> bytes:
-        """The whole body within ``deadline`` and at most ``cap`` bytes (else ``BadGateway``)."""
+    def read_all(self, cap: int) -> bytes:
+        """The whole body, at most ``cap`` bytes (else ``BadGateway``), within the deadline."""
         parts: list[bytes] = []
         size = 0
-        for piece in self.stream(deadline):
+        for piece in self.stream():
             size += len(piece)
             if size > cap:
                 raise BadGateway()
@@ -343,9 +344,7 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
         except BaseException:
             pool.put(sock, False)
             raise
-        resp = Response(pool, sock, parse, head_only=method == "HEAD")
-        resp.deadline, resp.read_s = deadline, read_s
-        return resp
+        return Response(pool, sock, parse, head_only=method == "HEAD", read_s=read_s, deadline=deadline)
     raise BadGateway()
 
 
