@@ -74,6 +74,19 @@ def test_an_execute_round_trip(gateway: Gateway) -> None:
                           "body": "hi there", "request_id": rid, "runner": f"{gateway.kind}-runner"}
 
 
+def test_every_json_value_reaches_the_runner_unchanged(gateway: Gateway) -> None:
+    # Integers beyond 64 bits and lone surrogates take the standard library's encoder;
+    # non-ASCII text and floats the fast one.
+    extra = {"big": 2**70, "neg": -(2**64), "lone": "\ud800", "text": "café \u2028 </script>",
+             "float": 1.5e300, "small": 0.1, "nested": [None, True, {"a": []}]}
+    resp = gateway.execute({**envelope(), "extra": extra})  # a key the runner ignores
+    assert resp.status_code == 200
+    assert sent_envelope(gateway)["extra"] == extra
+    resp = gateway.execute({**envelope(), "extra": {"text": "café"}})
+    assert resp.status_code == 200
+    assert sent_envelope(gateway)["extra"] == {"text": "café"}
+
+
 def test_the_query_of_execute_is_not_forwarded(gateway: Gateway) -> None:
     assert gateway.execute(params={"debug": "1"}).status_code == 200
     assert gateway.runner.received[0].raw_path == "/v1/execute"

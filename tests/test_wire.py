@@ -377,6 +377,19 @@ def test_bytes_that_arrive_after_a_reply_never_become_the_next_requests_reply(me
         assert server.connections == 2
 
 
+def test_a_late_head_does_not_shorten_the_silence_allowed_in_the_body() -> None:
+    def late(conn: socket.socket) -> None:
+        time.sleep(0.6)  # the head near the end of its read_s, in two reads
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        time.sleep(0.05)
+        conn.sendall(b"Content-Length: 4\r\n\r\nab")
+        time.sleep(0.6)  # a silence longer than what was left of the head's read_s
+        conn.sendall(b"cd")
+
+    with Scripted([late]) as server, pool_for(server) as pool:
+        assert get(pool, read_s=1.0)[2] == b"abcd"
+
+
 def test_total_s_bounds_sending_to_a_runner_that_reads_slowly() -> None:
     body = b"x" * (16 * 1024 * 1024)  # well over what loopback socket buffers hold
 

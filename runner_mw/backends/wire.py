@@ -55,14 +55,25 @@ class _Stale(Exception):
     """A reused keep-alive connection was closed by the runner before any reply byte."""
 
 
-def _dropped(sock: socket.socket) -> bool:
-    """An idle keep-alive connection the runner closed (or wrote to): not reusable."""
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
+class _Conn:
+    """One connection and the timeouts last given to it (``_limit`` skips the syscall
+    when the one in place already fits)."""
+
+    __slots__ = ("plain", "recv_s", "send_s", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.plain = sock.gettimeout() is None  # plain TCP: the kernel's timeouts; TLS: ssl's
+        self.recv_s = self.send_s = -1.0  # none set yet
+
+    def dropped(self) -> bool:
+        """An idle keep-alive connection the runner closed (or wrote to): not reusable."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
 
 class Pool:
@@ -76,12 +87,12 @@ class Pool:
                  wait_s: float, connect_s: float) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.wait_s, self.connect_s = wait_s, connect_s
-        self._idle: list[socket.socket] = []
+        self._idle: list[_Conn] = []
         self._slots = threading.BoundedSemaphore(maxsize)
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> tuple[socket.socket, bool]:
+    def get(self) -> tuple[_Conn, bool]:
         """A connection and whether it was used before. Raises ``Overloaded`` or ``NotSent``.
 
         An idle connection is reused only if nothing arrived on it while it sat in the pool:
@@ -93,25 +104,25 @@ class Pool:
         try:
             while True:
                 with self._lock:
-                    sock = self._idle.pop() if self._idle else None
-                if sock is None:
-                    return self._connect(), False
-                if not _dropped(sock):
-                    return sock, True
-                sock.close()
+                    conn = self._idle.pop() if self._idle else None
+                if conn is None:
+                    return _Conn(self._connect()), False
+                if not conn.dropped():
+                    return conn, True
+                conn.sock.close()
         except BaseException:
             self._slots.release()
             raise
 
-    def put(self, sock: socket.socket, reusable: bool) -> None:
+    def put(self, conn: _Conn, reusable: bool) -> None:
         """Give a connection back (kept only if ``reusable``); frees its slot."""
         try:
             if reusable and not self._closed:
                 with self._lock:
                     if not self._closed:
-                        self._idle.append(sock)
+                        self._idle.append(conn)
                         return
-            sock.close()
+            conn.sock.close()
         finally:
             self._slots.release()
 
@@ -120,8 +131,8 @@ class Pool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+        for conn in idle:
+            conn.sock.close()
 
     def _connect(self) -> socket.socket:
         try:
@@ -224,11 +235,11 @@ class Response:
     was read exactly to its end and the runner keeps it open; otherwise it is closed.
     """
 
-    def __init__(self, pool: Pool, sock: socket.socket, parse: _Parse, *, head_only: bool,
+    def __init__(self, pool: Pool, conn: _Conn, parse: _Parse, *, head_only: bool,
                  read_s: float, deadline: float | None) -> None:
         self.status = parse.status
         self.headers = parse.headers
-        self._pool, self._sock, self._parse = pool, sock, parse
+        self._pool, self._conn, self._parse = pool, conn, parse
         # A HEAD reply has no body, but llhttp cannot be told so (it waits for the
         # Content-Length bytes): the head is the whole reply. ``_read_head`` marks it done
         # only when nothing followed the head, so the connection can be kept.
@@ -242,7 +253,7 @@ class Response:
         ``STREAM_CHUNK`` (fewer, larger reads and writes for a big body; the last piece may be
         shorter). ``read_s`` bounds each silence, ``deadline`` (when set) the whole. A body
         cut short raises ``BadGateway``."""
-        parse, sock = self._parse, self._sock
+        parse, conn = self._parse, self._conn
         if self._head_only:
             return
         size = sum(len(p) for p in parse.body)
@@ -252,8 +263,8 @@ class Response:
                 pieces, parse.body, size = parse.body, [], 0
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 target = STREAM_CHUNK
-            _arm(sock, self.read_s, self.deadline)
-            data = _recv(sock, target - size if size < target else target)
+            _arm(conn, self.read_s, self.deadline)
+            data = _recv(conn.sock, target - size if size < target else target)
             if not data:
                 if parse.framed:
                     raise BadGateway("body cut short")  # before its Content-Length or last chunk
@@ -284,7 +295,7 @@ class Response:
         parse = self._parse
         reusable = parse.done and parse.keep_alive and not parse.body
         parse.parser = None  # break the parser <-> callbacks cycle now, not at the next GC
-        self._pool.put(self._sock, reusable)
+        self._pool.put(self._conn, reusable)
 
 
 def encode_request(method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
@@ -320,13 +331,13 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
     """
     retry_stale = method in ("GET", "HEAD")
     for attempt in (1, 2):
-        sock, reused = pool.get()
+        conn, reused = pool.get()
         started = time.monotonic()
         deadline = None if total_s is None else started + total_s
         try:
-            _limit(sock, read_s if total_s is None else min(read_s, total_s), send=True)
+            _limit(conn, read_s if total_s is None else min(read_s, total_s), send=True)
             try:
-                _send_all(sock, data, deadline)
+                _send_all(conn, data, deadline)
             except (TimeoutError, BlockingIOError):
                 raise RunnerTimeout() from None
             except OSError:  # reset or broken pipe: the runner dropped an idle connection
@@ -336,43 +347,43 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
             # The head must come whole within read_s (or the total deadline): a runner
             # dripping it byte by byte cannot hold a pool slot for long.
             head_by = started + read_s if deadline is None else min(deadline, started + read_s)
-            parse = _read_head(sock, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
+            parse = _read_head(conn, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
                                head_only=method == "HEAD")
         except _Stale:
-            pool.put(sock, False)
+            pool.put(conn, False)
             continue
         except BaseException:
-            pool.put(sock, False)
+            pool.put(conn, False)
             raise
-        return Response(pool, sock, parse, head_only=method == "HEAD", read_s=read_s, deadline=deadline)
+        return Response(pool, conn, parse, head_only=method == "HEAD", read_s=read_s, deadline=deadline)
     raise BadGateway()
 
 
-def _send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
+def _send_all(conn: _Conn, data: bytes, deadline: float | None) -> None:
     """``sendall``, but within ``deadline``: a runner reading slowly but steadily would keep
     a plain ``sendall`` going, each ``send`` making a little progress within its timeout."""
     if deadline is None:
-        sock.sendall(data)
+        conn.sock.sendall(data)
         return
     view = memoryview(data)
     while view:
         left = deadline - time.monotonic()
         if left <= 0:
             raise RunnerTimeout()
-        _limit(sock, left, send=True)
-        view = view[sock.send(view):]
+        _limit(conn, left, send=True)
+        view = view[conn.sock.send(view):]
 
 
-def _read_head(sock: socket.socket, read_s: float, deadline: float | None, *, stale_ok: bool,
+def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: bool,
                head_only: bool) -> _Parse:
     parse = _Parse()
     received = bytearray()  # HEAD only: to see whether anything followed the head
     while not parse.head_done:
-        _arm(sock, read_s, deadline)
+        _arm(conn, read_s, deadline)
         try:
             # Never past MAX_HEAD + 1 bytes while the head is incomplete: a head that
             # completes within what was read is at most MAX_HEAD long.
-            data = sock.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
+            data = conn.sock.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
         except (TimeoutError, BlockingIOError):  # BlockingIOError: the kernel's timeout
             raise RunnerTimeout() from None
         except OSError:  # a reset before any reply byte is a stale connection too
@@ -404,23 +415,40 @@ def _recv(sock: socket.socket, size: int) -> bytes:
         raise BadGateway() from None
 
 
-def _arm(sock: socket.socket, read_s: float, deadline: float | None) -> None:
-    """Make the next blocking call end by ``deadline``: a runner dripping a byte at a
-    time cannot stretch a call past it (socket timeouts bound each call, not their sum)."""
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RunnerTimeout()
-        _limit(sock, min(left, read_s))
+def _arm(conn: _Conn, read_s: float, deadline: float | None) -> None:
+    """Make the next blocking call end by ``deadline`` (and wait at most ``read_s``): a
+    runner dripping a byte at a time cannot stretch a call past it (socket timeouts bound
+    each call, not their sum)."""
+    if deadline is None:
+        _limit(conn, read_s)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RunnerTimeout()
+    _limit(conn, min(left, read_s))
 
 
-def _limit(sock: socket.socket, seconds: float, *, send: bool = False) -> None:
-    """The longest any one recv (and with ``send``, send) on ``sock`` may wait."""
-    if sock.gettimeout() is None:  # a plain TCP connection: the kernel's timeouts
-        whole = int(seconds)
-        value = struct.pack("ll", whole, max(1, int((seconds - whole) * 1_000_000)))  # 0 is "never"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        if send:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-    else:
-        sock.settimeout(seconds)
+# A timeout in place that ends no earlier than asked and at most this much later is kept:
+# a call then costs no syscall (a request's deadlines are almost equal to the last one's).
+# Below the kernel's own timer granularity (a jiffy, 1-10 ms).
+SLACK_S = 0.001
+
+
+def _limit(conn: _Conn, seconds: float, *, send: bool = False) -> None:
+    """The longest any one recv (and with ``send``, send) on ``conn`` may wait."""
+    keep_recv = seconds <= conn.recv_s <= seconds + SLACK_S
+    if conn.plain:
+        if not keep_recv:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            conn.recv_s = seconds
+        if send and not seconds <= conn.send_s <= seconds + SLACK_S:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+            conn.send_s = seconds
+    elif not keep_recv:  # TLS: one Python timeout for both directions
+        conn.sock.settimeout(seconds)
+        conn.recv_s = conn.send_s = seconds
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, max(1, int((seconds - whole) * 1_000_000)))  # 0 is "never"
