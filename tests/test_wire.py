@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -241,6 +242,22 @@ def test_an_idle_connection_the_runner_closed_is_not_used() -> None:
         wait_until(lambda: not any(t.is_alive() for t in server._threads), what="server closed")
         assert get(pool, "POST", body=b"{}")[2] == b"hi"  # a POST would not be retried
         assert server.connections == 2
+
+
+def test_tcp_info_tells_an_idle_connection_from_one_with_unread_bytes_or_closed() -> None:
+    # Linux answers from TCP_INFO (no GIL release); elsewhere None sends the pool to poll().
+    expect = (lambda v: v) if sys.platform == "linux" else (lambda v: None)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+        with client, peer:
+            assert wire.tcp_idle(client, 0) is expect(True)
+            peer.sendall(b"abc")
+            wait_until(lambda: wire.tcp_idle(client, 0) is expect(False), what="bytes seen")
+            assert client.recv(10) == b"abc"
+            assert wire.tcp_idle(client, 3) is expect(True)
+            peer.close()
+            wait_until(lambda: wire.tcp_idle(client, 3) is expect(False), what="FIN seen")
 
 
 # -------------------------------------------------------------------------- pool and deadlines

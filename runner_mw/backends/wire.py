@@ -56,24 +56,58 @@ class _Stale(Exception):
 
 
 class _Conn:
-    """One connection and the timeouts last given to it (``_limit`` skips the syscall
-    when the one in place already fits)."""
+    """One connection, the timeouts last given to it (``_limit`` skips the syscall when
+    the one in place already fits) and the bytes read from it (``dropped``)."""
 
-    __slots__ = ("plain", "recv_s", "send_s", "sock")
+    __slots__ = ("plain", "received", "recv_s", "send_s", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.plain = sock.gettimeout() is None  # plain TCP: the kernel's timeouts; TLS: ssl's
         self.recv_s = self.send_s = -1.0  # none set yet
+        self.received = 0  # bytes recv() returned, for the TCP_INFO check
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(size)
+        self.received += len(data)
+        return data
 
     def dropped(self) -> bool:
         """An idle keep-alive connection the runner closed (or wrote to): not reusable."""
+        if self.plain:
+            idle = tcp_idle(self.sock, self.received)
+            if idle is not None:
+                return not idle
         try:
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
+_TCP_INFO_LEN = 136  # up to tcpi_bytes_received (Linux 4.1): the layout only ever grows
+_TCP_ESTABLISHED = 1
+
+
+def tcp_idle(sock: socket.socket, received: int) -> bool | None:
+    """Whether a TCP connection is still open with nothing unread, from the kernel's
+    TCP_INFO: ESTABLISHED (no FIN or RST came) and exactly ``received`` bytes received.
+    None where TCP_INFO cannot tell (another OS, an older kernel): poll instead.
+
+    Why not just poll: ``getsockopt`` runs with the GIL held, where ``poll`` releases it,
+    and under a threaded server every release is a likely hand-off to another thread.
+    """
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return False
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    return info[0] == _TCP_ESTABLISHED and struct.unpack_from("Q", info, 128)[0] == received
 
 
 class Pool:
@@ -264,7 +298,7 @@ class Response:
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 target = STREAM_CHUNK
             _arm(conn, self.read_s, self.deadline)
-            data = _recv(conn.sock, target - size if size < target else target)
+            data = _recv(conn, target - size if size < target else target)
             if not data:
                 if parse.framed:
                     raise BadGateway("body cut short")  # before its Content-Length or last chunk
@@ -383,7 +417,7 @@ def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: 
         try:
             # Never past MAX_HEAD + 1 bytes while the head is incomplete: a head that
             # completes within what was read is at most MAX_HEAD long.
-            data = conn.sock.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
+            data = conn.recv(min(CHUNK, MAX_HEAD + 1 - parse.head_bytes))
         except (TimeoutError, BlockingIOError):  # BlockingIOError: the kernel's timeout
             raise RunnerTimeout() from None
         except OSError:  # a reset before any reply byte is a stale connection too
@@ -406,9 +440,9 @@ def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: 
     return parse
 
 
-def _recv(sock: socket.socket, size: int) -> bytes:
+def _recv(conn: _Conn, size: int) -> bytes:
     try:
-        return sock.recv(size)
+        return conn.recv(size)
     except (TimeoutError, BlockingIOError):
         raise RunnerTimeout() from None
     except OSError:  # reset, or a TLS record that does not decrypt
