@@ -99,6 +99,12 @@ def handle_asset(
         done(upstream.status)
         raise
     status = upstream.status
+    if upstream.complete():
+        # All of it came with the first read (a small asset): the connection goes back to
+        # the pool now, not after the client has read the body.
+        upstream.close()
+        done(status)
+        return [first] if first else []
     return StreamedBody(upstream, lambda complete: done(status if complete else 502), first)
 
 

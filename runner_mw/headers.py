@@ -53,18 +53,38 @@ def environ_headers(environ: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         yield "content-type", environ["CONTENT_TYPE"]
 
 
+# "HTTP_USER_AGENT" -> "user-agent", or "" when the name is not a token. Bounded: the keys
+# come from clients, but the usual few dozen names fill it and then every request hits.
+_NAMES: dict[str, str] = {}
+
+
+def _header_name(key: str) -> str:
+    name = key[5:].replace("_", "-").lower()
+    if not _TOKEN.fullmatch(name):
+        name = ""
+    if len(_NAMES) < 1024:
+        _NAMES[key] = name
+    return name
+
+
 def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
                     allow_prefix: str | None = None) -> dict[str, str]:
     """The client headers that may go upstream: Connection-listed dropped, then hop-by-hop,
     then everything off the allow-list (cookies, authorization, the service token...)."""
+    # ``environ_headers`` in one loop, with cached names: this runs on every request.
     named = connection_tokens(environ.get("HTTP_CONNECTION"))
     out: dict[str, str] = {}
-    for name, value in environ_headers(environ):
-        if name in named or name in HOP_BY_HOP:
+    for key, value in environ.items():
+        if key[:5] != "HTTP_":
             continue
-        allowed = name in allow or (allow_prefix is not None and name.startswith(allow_prefix))
-        if allowed and _TOKEN.fullmatch(name) and not _has_ctl(value):
+        name = _NAMES.get(key) or _header_name(key)
+        if (name and name not in named and name not in HOP_BY_HOP
+                and (name in allow or (allow_prefix is not None and name.startswith(allow_prefix)))
+                and not _has_ctl(value)):
             out[name] = value
+    ctype = environ.get("CONTENT_TYPE")
+    if ctype and "content-type" in allow and "content-type" not in named and not _has_ctl(ctype):
+        out["content-type"] = ctype
     return out
 
 

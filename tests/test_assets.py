@@ -215,6 +215,32 @@ def test_a_64_mib_asset_streams_in_flat_memory(gateway: Gateway) -> None:
     assert peak < 32 * 1024 * 1024, f"gateway process grew by {peak / 1e6:.1f} MB"
 
 
+def test_a_small_asset_frees_its_connection_before_the_body_is_sent(gateway: Gateway) -> None:
+    # Called in-process, so that the pool can be looked at while the body is still unsent.
+    from werkzeug.test import create_environ
+
+    snap = gateway.middleware.store.current
+    pool = snap.backend.pool()  # type: ignore[attr-defined]
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        statuses.append(status)
+
+    body = gateway.middleware(create_environ(INDEX, query_string="tenant=t1"), start_response)
+    assert statuses == ["200 OK"] and b"".join(body) == INDEX_FILE.read_bytes()
+    assert isinstance(body, list)  # answered whole: nothing left for the server to close
+    assert len(pool._idle) == 1 and snap.inflight == 0  # connection back, request finished
+
+    gateway.runner.stream_asset("/ext-ui/big/", BIG)
+    body = gateway.middleware(create_environ("/runner/ext-ui/big/h/file.bin"), start_response)
+    try:
+        assert statuses[-1] == "200 OK" and not isinstance(body, list)
+        assert pool._idle == [] and snap.inflight == 1  # streaming: busy until closed
+    finally:
+        body.close()  # type: ignore[attr-defined]
+    assert snap.inflight == 0
+
+
 def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(kind: str) -> None:
     # One pooled connection: if the abandoned stream kept it, the next request would wait, then 503.
     with running_gateway(kind, upstream={"pool_size": 1, "pool_wait_ms": 10000}) as gw:

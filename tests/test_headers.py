@@ -3,7 +3,11 @@ Units on ``runner_mw.headers``, then through real HTTP for both routes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from mwfixtures import INDEX, SERVICE_TOKEN, Gateway
 
 from runner_mw.headers import (
@@ -49,6 +53,42 @@ def test_request_headers_connection_listed_first_then_hop_by_hop_then_allow_list
     }
     assert request_headers(environ, ASSET_REQUEST_ALLOW) == {
         "accept": "*/*", "user-agent": "ua", "traceparent": "tp", "if-none-match": '"e"'}
+
+
+def _request_headers_spelled_out(environ: dict[str, str], allow: frozenset[str],
+                                 allow_prefix: str | None) -> dict[str, str]:
+    """The rule as written in the module docstring, with no shortcut."""
+    named = connection_tokens(environ.get("HTTP_CONNECTION"))
+    out = {}
+    for name, value in environ_headers(environ):
+        if name in named or name in HOP_BY_HOP:
+            continue
+        if ((name in allow or (allow_prefix is not None and name.startswith(allow_prefix)))
+                and re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)
+                and not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value)):
+            out[name] = value
+    return out
+
+
+_KEYS = st.sampled_from(["HTTP_ACCEPT", "HTTP_USER_AGENT", "HTTP_X_ALGA_TENANT", "HTTP_X_ALGA_",
+                         "HTTP_CONNECTION", "HTTP_TE", "HTTP_COOKIE", "HTTP_X_REQUEST_ID",
+                         "HTTP_CONTENT_TYPE", "CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_", "PATH_INFO",
+                         "HTTP_X ALGA", "HTTP_X_ALGA_\u00e9", "HTTP_TRACEPARENT"]) | st.text(max_size=12)
+_VALUES = st.sampled_from(["", "a", "x-alga-tenant, accept", "content-type", "te, close", "a\r\nb",
+                           "\t", "\x7f"]) | st.text(max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(environ=st.dictionaries(_KEYS, _VALUES, max_size=10),
+       execute=st.booleans())
+@example(environ={"CONTENT_TYPE": "a", "HTTP_CONNECTION": "content-type"}, execute=True)
+@example(environ={"CONTENT_TYPE": "a\nb"}, execute=True)
+@example(environ={"HTTP_X_ALGA_\u00e9": "a", "HTTP_X_ALGA_T": "\x00"}, execute=True)
+def test_request_headers_matches_the_rule_spelled_out(environ: dict[str, str], execute: bool) -> None:
+    allow, prefix = (EXECUTE_REQUEST_ALLOW, "x-alga-") if execute else (ASSET_REQUEST_ALLOW, None)
+    for _ in range(2):  # the second time from the name cache
+        assert request_headers(environ, allow, allow_prefix=prefix) == \
+            _request_headers_spelled_out(environ, allow, prefix)
 
 
 def test_request_headers_even_an_allowed_header_named_in_connection_is_dropped() -> None:

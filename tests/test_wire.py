@@ -188,6 +188,24 @@ def test_the_body_streams_in_bounded_pieces_and_not_all_at_once() -> None:
 # -------------------------------------------------------------------------- what is sent
 
 
+def test_finished_only_once_the_whole_body_was_handed_out() -> None:
+    big = b"x" * (3 * wire.CHUNK)
+    with Scripted([OK, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]) as server, pool_for(server) as pool:
+        for method, body in (("GET", b"hi"), ("GET", big), ("HEAD", b"")):
+            resp = wire.request(pool, method, wire.encode_request(method, "/x", {"host": "r"}, None),
+                                read_s=2.0)
+            try:
+                pieces = resp.stream()
+                got = next(pieces, b"")
+                assert resp.finished() is (got == body)  # a small body comes in one piece
+                got += b"".join(pieces)
+                assert got == body and resp.finished()
+            finally:
+                resp.release()
+        assert server.connections == 1
+
+
 def test_the_request_goes_as_one_head_with_its_content_length() -> None:
     with Scripted([OK]) as server, pool_for(server) as pool:
         get(pool, "POST", body=b'{"a":1}')

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
@@ -34,14 +34,17 @@ class ExecuteReply:
 class AssetResponse:
     """A streaming asset reply. Iterate ``chunks`` then always ``close()`` it.
 
-    ``complete`` turns True only when the whole body arrived; a body cut short
-    raises from the iterator instead, so the client sees a broken transfer.
+    A body cut short raises from the iterator, so the client sees a broken transfer.
+    ``complete()`` says whether ``chunks`` has handed out the whole body already (a
+    small asset, all in the first piece): the middleware then answers with what it
+    has and closes at once. A backend that cannot tell leaves it answering False.
     """
 
     status: int
     headers: list[tuple[str, str]]
     chunks: Iterator[bytes]
     close: Any = field(default=lambda: None)
+    complete: Callable[[], bool] = field(default=lambda: False)
 
 
 class RunnerBackend(abc.ABC):

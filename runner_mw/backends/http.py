@@ -142,7 +142,7 @@ class HTTPBackend(RunnerBackend):
         with mapped_errors():
             resp = self._send(method, target, None, headers, read_s=self._read_s)
         return AssetResponse(status=resp.status, headers=resp.headers,
-                             chunks=_stream(resp), close=resp.release)
+                             chunks=_stream(resp), close=resp.release, complete=resp.finished)
 
     def health(self) -> dict[str, Any]:
         started = time.monotonic()

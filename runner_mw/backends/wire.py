@@ -310,6 +310,10 @@ class Response:
             pieces, parse.body = parse.body, []
             yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def finished(self) -> bool:
+        """Whether ``stream`` has handed out the whole body (nothing is left to read)."""
+        return self._head_only or (self._parse.done and not self._parse.body)
+
     def read_all(self, cap: int) -> bytes:
         """The whole body, at most ``cap`` bytes (else ``BadGateway``), within the deadline."""
         parts: list[bytes] = []
