@@ -117,6 +117,20 @@ class Bench:
                        method="POST" if post else "GET", body_file=self.body if post else None,
                        cpus=self.args.wrk_cpu)
 
+    def measured_wrk(self, url: str, server: lib.Gunicorn | None, *, post: bool = False) -> dict[str, Any]:
+        """One measured wrk run (``--seconds``), plus the workers' CPU per request (``cpu_us``)
+        and whether both workers took part (``balanced``) when ``server`` is gunicorn."""
+        pids = server.workers() if server is not None else []
+        cpu0 = [lib.cpu_seconds([p]) for p in pids]
+        res = self.wrk(url, self.args.seconds, post=post)
+        used = [lib.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
+        if pids and res["requests"]:
+            res["cpu_us"] = sum(used) / res["requests"] * 1e6
+            # gunicorn does not balance keep-alive connections: now and then one worker
+            # accepts all of wrk's, the other idles, and req/s halves.
+            res["balanced"] = min(used) >= BALANCED_SHARE * sum(used)
+        return res
+
     def close(self) -> None:
         for g in self.servers:
             g.stop()
@@ -190,15 +204,7 @@ class Bench:
             for t in order:
                 for route, path, post in (("asset", t.asset_path, False), ("execute", t.execute_path, True)):
                     before = self.nginx.accepts()
-                    pids = t.gunicorn.workers() if t.gunicorn is not None else []
-                    cpu0 = [lib.cpu_seconds([p]) for p in pids]
-                    res = self.wrk(f"http://127.0.0.1:{t.port}{path}", a.seconds, post=post)
-                    used = [lib.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
-                    if pids and res["requests"]:
-                        res["cpu_us"] = sum(used) / res["requests"] * 1e6
-                        # gunicorn does not balance keep-alive connections: now and then one
-                        # worker accepts all of wrk's, the other idles, and req/s halves.
-                        res["balanced"] = min(used) >= BALANCED_SHARE * sum(used)
+                    res = self.measured_wrk(f"http://127.0.0.1:{t.port}{path}", t.gunicorn, post=post)
                     after = self.nginx.accepts()
                     runs.setdefault((t.name, route), []).append(res)
                     acc, req = conns.get((t.name, route), (0, 0))
@@ -208,9 +214,7 @@ class Bench:
         for t in targets:
             for route in ("asset", "execute"):
                 every = runs[(t.name, route)]
-                # Rounds where one worker had every connection measure half a server: the
-                # medians leave them out (all are still in "rounds_rps").
-                rs = [x for x in every if x.get("balanced", True)] or every
+                rs = _balanced(every)
                 acc, req = conns[(t.name, route)]
                 table.append({
                     "target": t.name, "route": route,
@@ -308,17 +312,19 @@ class Bench:
         wrapped.wait_ready("/hello")
         for g in (bare, wrapped):
             self.wrk(f"http://127.0.0.1:{g.port}/hello", self.args.warmup)
-        rps: dict[str, list[float]] = {"bare": [], "wrapped": []}
+        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "wrapped": []}
         for r in range(self.args.rounds):
             pair = [("bare", bare), ("wrapped", wrapped)]
             for name, g in pair if r % 2 == 0 else reversed(pair):
-                rps[name].append(self.wrk(f"http://127.0.0.1:{g.port}/hello", self.args.seconds)["rps"])
+                runs[name].append(self.measured_wrk(f"http://127.0.0.1:{g.port}/hello", g))
+        med = {name: statistics.median(x["rps"] for x in _balanced(every)) for name, every in runs.items()}
         self.results["passthrough"] = {
             **inproc,
-            "flask_bare_rps": statistics.median(rps["bare"]),
-            "flask_wrapped_rps": statistics.median(rps["wrapped"]),
-            "flask_ratio": statistics.median(rps["wrapped"]) / statistics.median(rps["bare"]),
-            "rounds": rps,
+            "flask_bare_rps": med["bare"],
+            "flask_wrapped_rps": med["wrapped"],
+            "flask_ratio": med["wrapped"] / med["bare"],
+            "rounds": {name: [round(x["rps"]) for x in every] for name, every in runs.items()},
+            "rounds_used": {name: f"{len(_balanced(every))}/{len(every)}" for name, every in runs.items()},
         }
         bare.stop()
         wrapped.stop()
@@ -370,7 +376,9 @@ class Bench:
                          f"wrapped {p['wrapped_ns']:.0f} ns,"
                          f" added {p['added_ns']:.0f} ns (min of {p['repeat']} x {p['number']} calls)")
             lines.append(f"- pass-through under gunicorn, Flask hello: bare {p['flask_bare_rps']:.0f} req/s, "
-                         f"wrapped {p['flask_wrapped_rps']:.0f} req/s, ratio {p['flask_ratio']:.3f}")
+                         f"wrapped {p['flask_wrapped_rps']:.0f} req/s, ratio {p['flask_ratio']:.3f} "
+                         f"(medians of the rounds both workers took part in: bare "
+                         f"{p['rounds_used']['bare']}, wrapped {p['rounds_used']['wrapped']})")
             lines.append("")
         if "reload" in self.results:
             r = self.results["reload"]
@@ -440,6 +448,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # A round counts when each gunicorn worker did at least this share of the CPU work.
 BALANCED_SHARE = 0.2
+
+
+def _balanced(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds in which both gunicorn workers worked (all of them if none did): a round
+    where one worker had every connection measures half a server."""
+    return [x for x in runs if x.get("balanced", True)] or runs
 
 
 def _median_or_none(values: list[float]) -> float | None:
