@@ -12,17 +12,27 @@ Metrics (all prefixed ``runner_mw_``): ``requests_total{route,backend,status}``,
 ``upstream_seconds{route,backend}`` (histogram), ``reloads_total{result}`` (swaps per
 process: under gunicorn one HUP counts once per worker), ``config_generation`` and
 ``inflight_requests``. Recording a metric never fails a request.
+
+Requests are recorded in memory and written to the metric values by a thread of the
+worker every ``FLUSH_S``, by every scrape the worker answers, and at exit: a request's
+five value writes (each a lock, a ``getpid`` and an mmap write in multiprocess mode)
+cost about an eighth of a proxied request's instructions. So another worker's last
+second may be missing from a scrape, and a worker killed with SIGKILL loses at most its
+last second of counts.
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from runner_mw.responses import error, status_line
@@ -44,6 +54,19 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWNER_ENV = "RUNNER_MW_METRICS_DIR_OWNER"
 
 log = logging.getLogger("runner_mw")
+FLUSH_S = 1.0
+
+
+class _Pending:
+    """Requests since the last flush. Request threads only append to deques (atomic under
+    the GIL: no lock, no file write); ``flush`` adds them up and writes the sums."""
+
+    def __init__(self) -> None:
+        self.started: deque[None] = deque()
+        self.finished: deque[tuple[str, str, int, float]] = deque()
+        self.inflight = 0  # as of the last flush; only flush changes it
+        self.lock = threading.Lock()  # one flush at a time
+        self.flusher: threading.Thread | None = None
 
 
 class _Metrics:
@@ -63,21 +86,52 @@ class _Metrics:
         self.inflight = prom.Gauge("runner_mw_inflight_requests", "Requests in flight on the gateway",
                                    multiprocess_mode="livesum")
 
-        # Labelled children, cached: ``labels()`` validates and locks on every call, which
-        # cost about as much as the recording itself on the hot path.
-        self._counted: dict[tuple[str, str, int], Any] = {}
-        self._timed: dict[tuple[str, str], Any] = {}
+        self.pending = _Pending()
 
-    def record(self, route: str, backend: str, status: int, seconds: float) -> None:
-        counter = self._counted.get((route, backend, status))
-        if counter is None:  # bounded: routes x configured backends x statuses
-            counter = self.requests.labels(route, backend, str(status))
-            self._counted[(route, backend, status)] = counter
-        timer = self._timed.get((route, backend))
-        if timer is None:
-            timer = self._timed[(route, backend)] = self.upstream.labels(route, backend)
-        counter.inc()
-        timer.observe(seconds)
+    def after_fork(self) -> None:
+        """A forked child starts with nothing pending (the parent's are the parent's) and
+        no flusher (threads do not survive a fork)."""
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.pending = _Pending()
+
+    def start_flusher(self) -> None:
+        pending = self.pending
+        with pending.lock:
+            if pending.flusher is None:
+                pending.flusher = threading.Thread(target=self._flush_every, args=(pending,),
+                                                   name="runner_mw-metrics", daemon=True)
+                pending.flusher.start()
+
+    def _flush_every(self, pending: _Pending) -> None:
+        while _metrics is self and pending is self.pending:  # else replaced: nothing to do
+            time.sleep(FLUSH_S)
+            _safely(self.flush)
+
+    def flush(self) -> None:
+        """Write what requests recorded since the last flush."""
+        pending = self.pending
+        with pending.lock:
+            counts: dict[tuple[str, str, int], int] = {}
+            timed: dict[tuple[str, str], list[float]] = {}
+            ended = 0
+            # Finished first, then started: a request that ends in between counts as still
+            # in flight until the next flush, never as ended before it began.
+            for _ in range(len(pending.finished)):
+                route, backend, status, took = pending.finished.popleft()
+                counts[(route, backend, status)] = counts.get((route, backend, status), 0) + 1
+                timed.setdefault((route, backend), []).append(took)
+                ended += 1
+            began = len(pending.started)
+            for _ in range(began):
+                pending.started.popleft()
+            for (route, backend, status), n in counts.items():
+                self.requests.labels(route, backend, str(status)).inc(n)
+            for (route, backend), seconds in timed.items():
+                _observe_all(self.upstream.labels(route, backend), seconds)
+            if began or ended:
+                pending.inflight += began - ended
+                self.inflight.set(pending.inflight)
 
     def unregister(self) -> None:
         assert prom is not None
@@ -110,7 +164,7 @@ def _remake() -> _Metrics:
         wanted = bool(os.environ.get(MULTIPROC_ENV))
         m = _metrics
         if m is not None and m.multiprocess == wanted:
-            m.pid = os.getpid()  # a fork: multiprocess values switch files by themselves
+            m.after_fork()  # multiprocess values switch files by themselves
             return m
         if wanted:
             _use_multiprocess_values()
@@ -140,16 +194,48 @@ def _safely(record: Any, *args: Any) -> None:
             log.exception("runner_mw: recording a metric failed (reported once per process)")
 
 
-def observe(route: str, backend: str, status: int, seconds: float) -> None:
-    m = metrics()
-    if m is not None:
-        _safely(m.record, route, backend, status, seconds)
+def _observe_all(child: Any, seconds: list[float]) -> None:
+    """``child.observe(s)`` for each of ``seconds``, but with one write per bucket used and
+    one for the sum, through the histogram's own bucket values when they are there."""
+    buckets, total, bounds = (getattr(child, "_buckets", None), getattr(child, "_sum", None),
+                              getattr(child, "_upper_bounds", None))
+    if buckets is None or total is None or bounds is None:
+        for s in seconds:  # another prometheus-client layout: one observation at a time
+            child.observe(s)
+        return
+    per_bucket = [0] * len(bounds)
+    for s in seconds:
+        per_bucket[bisect.bisect_left(bounds, s)] += 1  # observe(): the first bound >= s
+    for i, n in enumerate(per_bucket):
+        if n:
+            buckets[i].inc(n)
+    total.inc(sum(seconds))
 
 
-def inflight(delta: int) -> None:
+def started() -> None:
+    """A request on the gateway's routes began (``inflight_requests``)."""
     m = metrics()
     if m is not None:
-        _safely(m.inflight.inc, delta)
+        m.pending.started.append(None)
+        if m.pending.flusher is None:
+            m.start_flusher()
+
+
+def finished(route: str, backend: str, status: int, seconds: float) -> None:
+    """A request that ``started`` ended: counted in ``requests_total`` and timed."""
+    m = metrics()
+    if m is not None:
+        m.pending.finished.append((route, backend, status, seconds))
+
+
+def flush() -> None:
+    """Write what this process recorded so far (the flusher thread does it every ``FLUSH_S``)."""
+    m = _metrics
+    if m is not None and m.pid == os.getpid():
+        _safely(m.flush)
+
+
+atexit.register(flush)  # a worker that exits cleanly loses nothing
 
 
 def reloaded(ok: bool, generation: int) -> None:
@@ -168,6 +254,7 @@ def render(start_response: StartResponse, snap: Any, rid: str) -> tuple[int, lis
     m = metrics()  # make sure this process's series exist even before its first request
     if m is not None:
         _safely(m.generation.set, snap.generation)  # generation 1 is never a "reload"
+        _safely(m.flush)  # this worker's figures up to now
     if os.environ.get(MULTIPROC_ENV):
         registry = prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -116,7 +116,7 @@ class RunnerMiddleware:
         finished = False
         measure = snap.config.metrics_enabled and metrics.AVAILABLE
         if measure:
-            metrics.inflight(1)
+            metrics.started()
 
         def done(status: int) -> None:
             nonlocal finished
@@ -126,8 +126,7 @@ class RunnerMiddleware:
             snap.leave()
             seconds = time.monotonic() - started
             if measure:
-                metrics.inflight(-1)
-                metrics.observe(route, snap.config.backend, status, seconds)
+                metrics.finished(route, snap.config.backend, status, seconds)
             if snap.config.access_log:
                 _log_request(route, snap.config.backend, status, seconds, rid, environ)
 
