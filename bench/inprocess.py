@@ -81,6 +81,25 @@ def cpu_per_request(app: Callable[..., Any], route: str, body: bytes, threads: i
     return cpu / n * 1e6, switches / n
 
 
+TARGETS = ("werkzeug ProxyMiddleware", "runner_mw", "runner_mw, metrics off",
+           "runner_mw, metrics+access log off")
+
+
+def build(name: str, nginx: Any, tmp: Path) -> Callable[..., Any]:
+    """One of ``TARGETS`` as a WSGI app, against ``nginx`` as the runner (``BENCH_UPSTREAM``
+    must name it before the werkzeug target is built)."""
+    from bench import apps
+    from runner_mw import RunnerMiddleware
+
+    if name == "werkzeug ProxyMiddleware":
+        return apps.werkzeug_proxy  # type: ignore[no-any-return]
+    kw = {"runner_mw": {}, "runner_mw, metrics off": {"metrics": False},
+          "runner_mw, metrics+access log off": {"metrics": False, "access_log": False}}[name]
+    path = tmp / f"{len(kw)}.yaml"
+    path.write_text(bench.runner_yaml(nginx, **kw))
+    return RunnerMiddleware(apps._fallback, str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,4", help="thread counts to run (default 1,4)")
@@ -96,23 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     real_stderr = sys.stderr
     try:
         os.environ["BENCH_UPSTREAM"] = nginx.url("a")
-        from bench import apps
-        from runner_mw import RunnerMiddleware
-
         # The access log goes to a stderr handler, as under gunicorn; here to /dev/null.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - restored in finally
-
-        def runner_mw(name: str, **kw: Any) -> Any:
-            path = tmp / f"{name}.yaml"
-            path.write_text(bench.runner_yaml(nginx, **kw))
-            return RunnerMiddleware(apps._fallback, str(path))
-
-        targets = {
-            "werkzeug ProxyMiddleware": apps.werkzeug_proxy,
-            "runner_mw": runner_mw("full"),
-            "runner_mw, metrics off": runner_mw("nometrics", metrics=False),
-            "runner_mw, metrics+access log off": runner_mw("quiet", metrics=False, access_log=False),
-        }
+        targets = {name: build(name, nginx, tmp) for name in TARGETS}
         body = bench.execute_body()
         rows = []
         for threads in (int(t) for t in args.threads.split(",")):

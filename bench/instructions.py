@@ -1,0 +1,93 @@
+"""Instructions per request, counted by valgrind: werkzeug's ProxyMiddleware vs runner_mw.
+
+``python -m bench.instructions [--requests 150] [--jobs 2]``
+
+Each target of ``bench.inprocess`` is called ``N`` and ``3N`` times in a fresh Python under
+``valgrind --tool=callgrind`` (one thread, nginx as the runner, no WSGI server); the
+difference divided by ``2N`` is the user-space instructions one request costs, start-up
+and imports cancelled out. Counts do not depend on what else the machine is doing (two
+runs agree within about 1 %), so a change of a few percent shows, where CPU time on a
+shared machine moves by 10-30 % between runs. What they leave out: kernel work (werkzeug's
+connect and close per request, every syscall) and the cost of the GIL between threads.
+Use it beside ``bench/run`` and ``bench.inprocess``, not instead of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench import bench, inprocess, lib
+
+ROUTES = ("asset", "execute")
+
+
+def child(name: str, route: str, n: int, port: int) -> None:
+    """Inside valgrind: build ``name`` and make ``n`` requests on ``route``."""
+    tmp = Path(tempfile.mkdtemp(prefix="runner-mw-instructions-"))
+    (tmp / "prom").mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "prom")
+    os.environ["BENCH_UPSTREAM"] = f"http://127.0.0.1:{port}"
+
+    class Upstream:  # the nginx the parent started: both runner names on its "a" port
+        port_a = port_b = port
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the access log, as in bench.inprocess
+    app = inprocess.build(name, Upstream, tmp)
+    body = bench.execute_body()
+    for _ in range(n):
+        inprocess.call(app, route, body)
+
+
+def count(name: str, route: str, n: int, port: int) -> int:
+    """Instructions of a whole child run (valgrind's "Collected" total)."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         "-m", "bench.instructions", "--child", name, route, str(n), str(port)],
+        capture_output=True, text=True, timeout=900, cwd=lib.REPO, check=True,
+        env={**os.environ, "PYTHONPATH": str(lib.REPO)})
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count from valgrind:\n{out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        name, route, n, port = sys.argv[2:6]
+        child(name, route, int(n), int(port))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=150, help="N: runs of N and 3N requests")
+    parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at once (default 2)")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="runner-mw-instructions-"))
+    nginx = lib.Nginx(tmp)
+    nginx.start()
+    try:
+        n = args.requests
+        cells = [(name, route, k) for name in inprocess.TARGETS for route in ROUTES for k in (n, 3 * n)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            totals = dict(zip(cells, pool.map(lambda c: count(c[0], c[1], c[2], nginx.port_a), cells),
+                              strict=True))
+    finally:
+        nginx.stop()
+    per = {(name, route): (totals[(name, route, 3 * n)] - totals[(name, route, n)]) / (2 * n)
+           for name in inprocess.TARGETS for route in ROUTES}
+    print("| route | target | instructions/request | x werkzeug |")
+    print("|---|---|---:|---:|")
+    for route in ROUTES:
+        ref = per[("werkzeug ProxyMiddleware", route)]
+        for name in inprocess.TARGETS:
+            print(f"| {route} | {name} | {per[(name, route)] / 1000:.0f}k | {ref / per[(name, route)]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
