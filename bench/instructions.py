@@ -6,7 +6,7 @@ Each target of ``bench.inprocess`` is called ``N`` and ``3N`` times in a fresh P
 ``valgrind --tool=callgrind`` (one thread, nginx as the runner, no WSGI server); the
 difference divided by ``2N`` is the user-space instructions one request costs, start-up
 and imports cancelled out. Counts do not depend on what else the machine is doing (two
-runs agree within about 1 %), so a change of a few percent shows, where CPU time on a
+runs agree within about 2 %), so a change of a few percent shows, where CPU time on a
 shared machine moves by 10-30 % between runs. What they leave out: kernel work (werkzeug's
 connect and close per request, every syscall) and the cost of the GIL between threads.
 Use it beside ``bench/run`` and ``bench.inprocess``, not instead of them.
@@ -15,6 +15,7 @@ Use it beside ``bench/run`` and ``bench.inprocess``, not instead of them.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import subprocess
@@ -41,6 +42,13 @@ def child(name: str, route: str, n: int, port: int) -> None:
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the access log, as in bench.inprocess
     app = inprocess.build(name, Upstream, tmp)
     body = bench.execute_body()
+    for _ in range(20):  # connections, caches: one-time costs out of the way
+        inprocess.call(app, route, body)
+    # A full collection scans every object the imports made: when one happens to fall into
+    # a run, it adds millions of instructions (±10 % per request). Frozen, the collector
+    # only sees what requests allocate, as in a long-running worker.
+    gc.collect()
+    gc.freeze()
     for _ in range(n):
         inprocess.call(app, route, body)
 
@@ -51,7 +59,7 @@ def count(name: str, route: str, n: int, port: int) -> int:
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
          "-m", "bench.instructions", "--child", name, route, str(n), str(port)],
         capture_output=True, text=True, timeout=900, cwd=lib.REPO, check=True,
-        env={**os.environ, "PYTHONPATH": str(lib.REPO)})
+        env={**os.environ, "PYTHONPATH": str(lib.REPO), "PYTHONHASHSEED": "0"})
     found = re.search(r"Collected : (\d+)", out.stderr)
     if found is None:
         raise RuntimeError(f"no instruction count from valgrind:\n{out.stderr[-2000:]}")
