@@ -89,7 +89,8 @@ def handle_asset(
             # The runner marks every reply immutable; an error page must not be cached.
             out = [(n, v) for n, v in out if n.lower() != "cache-control"]
             out.append(("Cache-Control", "no-store"))
-        out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
+        if any(n.lower() == "location" for n, _ in out):
+            out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
         out.append(("X-Request-Id", rid))
         start_response(status_line(upstream.status), out)
     except BaseException:

@@ -16,40 +16,49 @@ _HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,256}")
 _OPTIONAL_STR = ("request_id", "install_id", "version_id")
 
 
+def _strings(value: Any) -> bool:
+    """A dict whose values are all strings."""
+    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+
+
 def envelope_problem(env: Any) -> str | None:
     """What is wrong with an envelope (a short text), or None when it is usable."""
+    # Runs on every execute: each value is looked up once.
     if not isinstance(env, dict):
         return "the body must be a JSON object (an execute envelope)"
     ctx = env.get("context")
     if not isinstance(ctx, dict):
         return "context must be an object"
     for key in ("tenant_id", "extension_id"):
-        if not isinstance(ctx.get(key), str) or not ctx[key]:
+        value = ctx.get(key)
+        if not isinstance(value, str) or not value:
             return f"context.{key} must be a non-empty string"
-        if not _HEADER_SAFE.fullmatch(ctx[key]):
+        if not _HEADER_SAFE.fullmatch(value):
             # It travels as x-alga-tenant / x-alga-extension: visible ASCII only.
             return f"context.{key} must be 1-256 visible ASCII characters"
-    if not isinstance(ctx.get("content_hash"), str) or not CONTENT_HASH.fullmatch(ctx["content_hash"]):
+    value = ctx.get("content_hash")
+    if not isinstance(value, str) or not CONTENT_HASH.fullmatch(value):
         return "context.content_hash must be 'sha256:' followed by 64 hex digits"
     for key in _OPTIONAL_STR:
-        if ctx.get(key) is not None and not isinstance(ctx[key], str):
+        value = ctx.get(key)
+        if value is not None and not isinstance(value, str):
             return f"context.{key} must be a string"
-    config = ctx.get("config")
-    if config is not None and not (isinstance(config, dict)
-                                   and all(isinstance(v, str) for v in config.values())):
+    value = ctx.get("config")
+    if value is not None and not _strings(value):
         return "context.config must be an object of strings"
     http = env.get("http")
     if not isinstance(http, dict):
         return "http must be an object"
     for key in ("method", "path"):
-        if not isinstance(http.get(key), str) or not http[key]:
+        value = http.get(key)
+        if not isinstance(value, str) or not value:
             return f"http.{key} must be a non-empty string"
     for key in ("query", "headers"):
         value = http.get(key)
-        if value is not None and not (isinstance(value, dict)
-                                      and all(isinstance(v, str) for v in value.values())):
+        if value is not None and not _strings(value):
             return f"http.{key} must be an object of strings"
-    if http.get("body_b64") is not None and not isinstance(http["body_b64"], str):
+    value = http.get("body_b64")
+    if value is not None and not isinstance(value, str):
         return "http.body_b64 must be a string"
     limits = env.get("limits")
     if limits is not None:
@@ -60,11 +69,15 @@ def envelope_problem(env: Any) -> str | None:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 return f"limits.{key} must be a non-negative integer"
     providers = env.get("providers")
-    if providers is not None and not (isinstance(providers, list)
-                                      and all(isinstance(p, str) for p in providers)):
-        return "providers must be a list of strings"
+    if providers is not None:
+        if not isinstance(providers, list):
+            return "providers must be a list of strings"
+        for item in providers:
+            if not isinstance(item, str):
+                return "providers must be a list of strings"
     for key in ("secret_envelope", "user"):
-        if env.get(key) is not None and not isinstance(env[key], dict):
+        value = env.get(key)
+        if value is not None and not isinstance(value, dict):
             return f"{key} must be an object"
     return None
 

@@ -147,6 +147,7 @@ BAD_ENVELOPES: list[tuple[str, Any, str]] = [
     ("hash-short", mutated("context.content_hash", HASH[:-1]), "context.content_hash"),
     ("hash-not-hex", mutated("context.content_hash", HASH[:-1] + "g"), "context.content_hash"),
     ("hash-trailing-newline", mutated("context.content_hash", HASH + "\n"), "context.content_hash"),
+    ("hash-look-alike", mutated("context.content_hash", "\u017fha256:" + "a" * 64), "context.content_hash"),
     ("int-request-id", mutated("context.request_id", 5), "context.request_id"),
     ("int-install-id", mutated("context.install_id", 5), "context.install_id"),
     ("config-int-value", mutated("context.config", {"a": 1}), "context.config"),
