@@ -92,6 +92,7 @@ def handle_asset(
         if any(n.lower() == "location" for n, _ in out):
             out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
         out.append(("X-Request-Id", rid))
+        whole = upstream.complete()  # (a backend's own code: inside this guard)
         start_response(status_line(upstream.status), out)
     except BaseException:
         # Whatever fails before the body is handed over gives the connection back (closed):
@@ -100,11 +101,14 @@ def handle_asset(
         done(upstream.status)
         raise
     status = upstream.status
-    if upstream.complete():
+    if whole:
         # All of it came with the first read (a small asset): the connection goes back to
-        # the pool now, not after the client has read the body.
-        upstream.close()
-        done(status)
+        # the pool now, not after the client has read the body. (The access log then says
+        # 200 even if the client leaves before the body is written.)
+        try:
+            upstream.close()
+        finally:
+            done(status)
         return [first] if first else []
     return StreamedBody(upstream, lambda complete: done(status if complete else 502), first)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,30 @@ log = logging.getLogger("runner_mw")
 CHUNK = 64 * 1024
 # One encoder for every call: json.dumps() with options builds a new one each time.
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+class _NonFinite(ValueError):
+    """NaN, Infinity, or a number too large for a float. Not JSON (RFC 8259), though
+    ``json.loads`` takes them; the runner refuses them, and orjson would write ``null``."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+
+
+def strict_json(data: bytes) -> Any:
+    """``json.loads(data)``, but NaN and infinite numbers raise ``ValueError``."""
+    return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
 
 
 def compact_json(doc: Any) -> bytes:
@@ -87,9 +112,11 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         raise _Refused(415, "unsupported_media_type", "Content-Type must be application/json")
     raw = read_body(environ, config.max_body_bytes)
     try:
-        envelope = json.loads(raw)
+        envelope = strict_json(raw)
     except UnicodeDecodeError:
         raise _Refused(400, "invalid_request", "body is not UTF-8") from None
+    except _NonFinite:
+        raise _Refused(400, "invalid_request", "numbers must be finite (no NaN or Infinity)") from None
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
     if execute_hook is not None and isinstance(envelope, dict):
@@ -166,8 +193,8 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
         # The runner answers every parsed envelope with transport 200 (the outcome is in-band).
         raise _Refused(502, "bad_gateway")
     try:
-        reply = json.loads(body)
-    except (ValueError, RecursionError):
+        reply = strict_json(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and _NonFinite are ValueErrors
         raise _Refused(502, "bad_gateway") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("status"), int):
         raise _Refused(502, "bad_gateway")

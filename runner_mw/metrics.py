@@ -65,6 +65,7 @@ class _Pending:
         self.started: deque[None] = deque()
         self.finished: deque[tuple[str, str, int, float]] = deque()
         self.inflight = 0  # as of the last flush; only flush changes it
+        self.failed = False  # the last write of the in-flight gauge failed
         self.lock = threading.Lock()  # one flush at a time
         self.flusher: threading.Thread | None = None
 
@@ -96,12 +97,22 @@ class _Metrics:
             self.pending = _Pending()
 
     def start_flusher(self) -> None:
+        """Start this process's flusher. Where no thread can be started (a process or
+        thread limit), write now instead: the next request tries again."""
         pending = self.pending
         with pending.lock:
-            if pending.flusher is None:
-                pending.flusher = threading.Thread(target=self._flush_every, args=(pending,),
-                                                   name="runner_mw-metrics", daemon=True)
-                pending.flusher.start()
+            if pending.flusher is not None:
+                return
+            thread = threading.Thread(target=self._flush_every, args=(pending,),
+                                      name="runner_mw-metrics", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                pass
+            else:
+                pending.flusher = thread
+                return
+        self.flush()
 
     def _flush_every(self, pending: _Pending) -> None:
         while _metrics is self and pending is self.pending:  # else replaced: nothing to do
@@ -109,7 +120,8 @@ class _Metrics:
             _safely(self.flush)
 
     def flush(self) -> None:
-        """Write what requests recorded since the last flush."""
+        """Write what requests recorded since the last flush. Each series is written on its
+        own: one that fails (a full disk, say) loses its own increment, not the others'."""
         pending = self.pending
         with pending.lock:
             counts: dict[tuple[str, str, int], int] = {}
@@ -125,13 +137,15 @@ class _Metrics:
             began = len(pending.started)
             for _ in range(began):
                 pending.started.popleft()
+            # The gauge is set to the whole count, not moved by a delta: a failed write is
+            # made good by the next flush that succeeds.
+            pending.inflight += began - ended
+            if began or ended or pending.failed:
+                pending.failed = not _safely(self.inflight.set, pending.inflight)
             for (route, backend, status), n in counts.items():
-                self.requests.labels(route, backend, str(status)).inc(n)
+                _safely(self.requests.labels(route, backend, str(status)).inc, n)
             for (route, backend), seconds in timed.items():
-                _observe_all(self.upstream.labels(route, backend), seconds)
-            if began or ended:
-                pending.inflight += began - ended
-                self.inflight.set(pending.inflight)
+                _safely(_observe_all, self.upstream.labels(route, backend), seconds)
 
     def unregister(self) -> None:
         assert prom is not None
@@ -184,7 +198,8 @@ def _use_multiprocess_values() -> None:
         prom_values.ValueClass = prom_values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
-def _safely(record: Any, *args: Any) -> None:
+def _safely(record: Any, *args: Any) -> bool:
+    """``record(*args)``; False (logged once per process) when it failed."""
     global _failed_once
     try:
         record(*args)
@@ -192,6 +207,8 @@ def _safely(record: Any, *args: Any) -> None:
         if not _failed_once:
             _failed_once = True
             log.exception("runner_mw: recording a metric failed (reported once per process)")
+        return False
+    return True
 
 
 def _observe_all(child: Any, seconds: list[float]) -> None:
@@ -213,12 +230,12 @@ def _observe_all(child: Any, seconds: list[float]) -> None:
 
 
 def started() -> None:
-    """A request on the gateway's routes began (``inflight_requests``)."""
+    """A request on the gateway's routes began (``inflight_requests``). Never raises."""
     m = metrics()
     if m is not None:
         m.pending.started.append(None)
         if m.pending.flusher is None:
-            m.start_flusher()
+            _safely(m.start_flusher)
 
 
 def finished(route: str, backend: str, status: int, seconds: float) -> None:

@@ -257,22 +257,27 @@ def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(kind: 
         assert peers[1] == peers[2] == peers[3]  # the others are kept alive
 
 
+@pytest.mark.parametrize("where", ["response_headers", "complete"])
 def test_a_failure_before_the_body_is_handed_over_releases_the_upstream_connection(
-        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A bug between the runner's head and the WSGI body (simulated here) must not keep the
-    # pooled connection: with pool_size 1 the next request would wait, then get 503.
+        kind: str, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug between the runner's head and the WSGI body (simulated here; complete() is a
+    # backend's own code) must not keep the pooled connection: with pool_size 1 the next
+    # request would wait, then get 503.
     import runner_mw.assets as assets_mod
+    from runner_mw.backends import wire
 
+    owner, name = ((assets_mod, "response_headers") if where == "response_headers"
+                   else (wire.Response, "finished"))
     calls = {"n": 0}
-    real = assets_mod.response_headers
+    real = getattr(owner, name)
 
-    def failing_once(headers: Any) -> Any:
+    def failing_once(*args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated bug")
-        return real(headers)
+        return real(*args)
 
-    monkeypatch.setattr(assets_mod, "response_headers", failing_once)
+    monkeypatch.setattr(owner, name, failing_once)
     with running_gateway(kind, upstream={"pool_size": 1, "pool_wait_ms": 500}) as gw:
         assert gw.get(INDEX + Q).status_code == 500  # the middleware's own JSON 500
         started = time.monotonic()

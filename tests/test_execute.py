@@ -134,6 +134,9 @@ BAD_ENVELOPES: list[tuple[str, Any, str]] = [
     ("string", b'"x"', "object"),
     ("empty-body", b"", "JSON"),
     ("nested-too-deep", b"[" * 100_000 + b"]" * 100_000, "JSON"),
+    # json.loads takes these; orjson would send them on as null.
+    *[(f"number-{word}", json.dumps({**envelope(), "extra": [1.5]}).replace("1.5", word).encode(), "finite")
+      for word in ("NaN", "Infinity", "-Infinity", "1e400")],
     ("no-context", mutated("context", DELETE), "context"),
     ("context-list", mutated("context", []), "context"),
     ("no-tenant", mutated("context.tenant_id", DELETE), "context.tenant_id"),
@@ -380,7 +383,8 @@ def test_the_reply_size_is_capped(kind: str) -> None:
     (200, b"", 502, "bad_gateway"),
     (200, b'{"status": "200"}', 502, "bad_gateway"),
     (200, b"[1, 2]", 502, "bad_gateway"),
-], ids=["500", "404", "422", "503", "413", "non-json", "empty", "status-not-int", "not-an-object"])
+    (200, b'{"status": 200, "headers": {}, "body_b64": null, "error": "x: y", "n": NaN}', 502, "bad_gateway"),
+], ids=["500", "404", "422", "503", "413", "non-json", "empty", "status-not-int", "not-an-object", "nan"])
 def test_runner_failures_are_mapped_without_runner_text(gateway: Gateway, status: int, body: bytes,
                                                         ours: int, code: str) -> None:
     gateway.runner.respond("/v1/execute", status, [("Content-Type", "text/plain")], body)

@@ -183,6 +183,60 @@ def test_the_flusher_writes_without_a_scrape() -> None:
     wait_until(lambda: count() == before + 1, timeout=10 * metrics.FLUSH_S, what="a flush")
 
 
+FLAKY = textwrap.dedent("""
+    import json, threading
+    from prometheus_client import REGISTRY
+    from runner_mw import metrics
+
+    labels = {"route": "asset", "backend": "b", "status": "200"}
+    real_start = threading.Thread.start
+
+    def no_thread(self):               # a process or thread limit reached
+        if self.name == "runner_mw-metrics":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    threading.Thread.start = no_thread
+    metrics.started()                  # must not raise: written at once instead
+    metrics.finished("asset", "b", 200, 0.01)
+    threading.Thread.start = real_start
+    m = metrics.metrics()
+    no_flusher = m.pending.flusher is None
+    gauge = lambda: REGISTRY.get_sample_value("runner_mw_inflight_requests")
+    first = gauge()
+
+    # One failed write in a flush: the other series are still written, and the gauge is
+    # right again at the next flush.
+    for _ in range(3):
+        metrics.started()
+    metrics.finished("asset", "b", 200, 0.01)
+    real_set, calls = m.inflight.set, []
+    def failing_once(value):
+        calls.append(value)
+        if len(calls) == 1:
+            raise OSError("ENOSPC")
+        real_set(value)
+    m.inflight.set = failing_once
+    metrics.flush()                    # two in flight, but the gauge write fails
+    counted, stale = REGISTRY.get_sample_value("runner_mw_requests_total", labels), gauge()
+    metrics.flush()                    # nothing new: the gauge is written again all the same
+    mended = gauge()
+    metrics.finished("asset", "b", 200, 0.01); metrics.finished("asset", "b", 200, 0.01)
+    metrics.flush()
+    print(json.dumps({"no_flusher": no_flusher, "first": first, "counted": counted, "stale": stale,
+                      "mended": mended, "gauge": gauge(),
+                      "total": REGISTRY.get_sample_value("runner_mw_requests_total", labels)}))
+""")
+
+
+def test_no_flusher_thread_and_a_failed_write_lose_nothing_else(tmp_path: Path) -> None:
+    out = run_python(FLAKY, clean_env(tmp_path))
+    assert out["no_flusher"] and out["first"] == 1.0  # written at once, by started() itself
+    assert out["counted"] == 2.0 and out["stale"] == 1.0  # the counter written, the gauge not
+    assert out["mended"] == 2.0  # the next flush wrote it, with nothing new to write
+    assert out["gauge"] == 0.0 and out["total"] == 4.0
+
+
 BATCHED = textwrap.dedent("""
     import json, os, sys
     from runner_mw import metrics as m

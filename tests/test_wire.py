@@ -412,6 +412,42 @@ def test_bytes_that_arrive_after_a_reply_never_become_the_next_requests_reply(me
         assert server.connections == 2
 
 
+@pytest.mark.parametrize(("method", "reply"), [
+    ("GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+    ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"),
+    ("HEAD", b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
+    ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70000),
+], ids=["1xx", "chunked", "head-1xx", "204", "two-pieces"])
+def test_late_stray_bytes_after_other_reply_kinds_are_never_read(method: str, reply: bytes) -> None:
+    late = _Later(reply, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+    with Scripted([late, OK], [OK]) as server, pool_for(server) as pool:
+        get(pool, method)
+        wait_until(lambda: late.sent, what="stray bytes sent")
+        time.sleep(0.05)  # let them arrive
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 2
+
+
+def test_a_connection_whose_reply_was_followed_by_junk_is_not_kept() -> None:
+    # The body handed out in pieces, then its last chunk and a second reply in one segment:
+    # the parse fails ("data after the reply") after the reply itself was complete.
+    data = b"x" * (wire.CHUNK - 8)  # with its chunk line: exactly the first piece
+
+    def step(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.1)
+        conn.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+        time.sleep(0.1)
+        conn.sendall(b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+
+    with Scripted([step, OK], [OK]) as server, pool_for(server) as pool:
+        with pytest.raises(BadGateway):
+            get(pool)
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 2, "an out-of-step connection went back to the pool"
+
+
 def test_a_late_head_does_not_shorten_the_silence_allowed_in_the_body() -> None:
     def late(conn: socket.socket) -> None:
         time.sleep(0.6)  # the head near the end of its read_s, in two reads
@@ -456,6 +492,42 @@ def test_a_head_dripped_slower_than_read_s_in_all_is_a_timeout_even_for_assets()
         with pytest.raises(RunnerTimeout):
             get(pool, read_s=0.8)  # an asset fetch: no total deadline, the head has one
         assert time.monotonic() - started < 2.0
+
+
+def test_over_tls_stray_bytes_in_the_last_record_are_never_the_next_reply(
+        self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    body = b"x" * wire.CHUNK
+
+    served = {"n": 0}
+
+    def serve(conn: socket.socket) -> None:
+        served["n"] += 1
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            if served["n"] == 1:
+                _read_request(tls)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+                time.sleep(0.1)
+                tls.sendall(body[:100])  # a record of its own: the reads end on the body's end
+                # The body's last bytes and a stray reply in one TLS record: once decrypted, the
+                # stray part waits inside the SSL object, where poll() does not see it.
+                tls.sendall(body[100:] + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+            if _read_request(tls) is not None:
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    with Scripted() as server:
+        server.serve = serve  # type: ignore[method-assign]
+        pool = wire.Pool("127.0.0.1", server.port, tls=ssl.create_default_context(cafile=str(cert)),
+                         maxsize=1, wait_s=1.0, connect_s=2.0)
+        try:
+            assert get(pool)[2] == body
+            time.sleep(0.1)
+            assert get(pool)[2] == b"hi"  # from a new connection, never "evil"
+            assert served["n"] == 2
+        finally:
+            pool.close()
 
 
 def test_over_tls_a_body_cut_without_close_notify_is_not_complete(self_signed: tuple[Path, Path]) -> None:

@@ -74,6 +74,10 @@ class _Conn:
 
     def dropped(self) -> bool:
         """An idle keep-alive connection the runner closed (or wrote to): not reusable."""
+        if not self.plain and self.sock.pending():  # type: ignore[attr-defined]
+            # Bytes already decrypted into the TLS object (they shared a record with the end
+            # of the last reply): poll() cannot see them.
+            return True
         if self.plain:
             idle = tcp_idle(self.sock, self.received)
             if idle is not None:
@@ -257,10 +261,13 @@ class _Parse:
             raise BadGateway("reply already released")
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # a 101 (or CONNECT) reply: never asked for
-            raise BadGateway("unexpected protocol switch") from None
-        except httptools.HttpParserError as exc:  # also raised for errors in our callbacks
-            raise BadGateway() from exc
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            # Out of step from here on, even when the reply itself was complete (bytes after
+            # it, "data after the reply"): the connection must never be reused.
+            self.keep_alive = False
+            if isinstance(exc, httptools.HttpParserUpgrade):  # a 101 (or CONNECT): never asked for
+                raise BadGateway("unexpected protocol switch") from None
+            raise BadGateway() from exc  # also raised for errors in our callbacks
 
 
 class Response:
