@@ -143,9 +143,16 @@ class _Metrics:
             if began or ended or pending.failed:
                 pending.failed = not _safely(self.inflight.set, pending.inflight)
             for (route, backend, status), n in counts.items():
-                _safely(self.requests.labels(route, backend, str(status)).inc, n)
+                _safely(self._count, route, backend, status, n)
             for (route, backend), seconds in timed.items():
-                _safely(_observe_all, self.upstream.labels(route, backend), seconds)
+                _safely(self._time, route, backend, seconds)
+
+    # labels() inside the guard too: a new series makes a value, which may touch the files.
+    def _count(self, route: str, backend: str, status: int, n: int) -> None:
+        self.requests.labels(route, backend, str(status)).inc(n)
+
+    def _time(self, route: str, backend: str, seconds: list[float]) -> None:
+        _observe_all(self.upstream.labels(route, backend), seconds)
 
     def unregister(self) -> None:
         assert prom is not None
