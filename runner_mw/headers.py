@@ -44,15 +44,6 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
-def environ_headers(environ: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
-    """The client's request headers as (lower-case name, value) from a WSGI environ."""
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            yield key[5:].replace("_", "-").lower(), value
-    if environ.get("CONTENT_TYPE"):
-        yield "content-type", environ["CONTENT_TYPE"]
-
-
 # "HTTP_USER_AGENT" -> "user-agent", or "" when the name is not a token. Bounded: the keys
 # come from clients, but the usual few dozen names fill it and then every request hits.
 _NAMES: dict[str, str] = {}
@@ -71,7 +62,8 @@ def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
                     allow_prefix: str | None = None) -> dict[str, str]:
     """The client headers that may go upstream: Connection-listed dropped, then hop-by-hop,
     then everything off the allow-list (cookies, authorization, the service token...)."""
-    # ``environ_headers`` in one loop, with cached names: this runs on every request.
+    # The client's headers are the environ's HTTP_* keys (names cached: this runs on every
+    # request) and CONTENT_TYPE.
     named = connection_tokens(environ.get("HTTP_CONNECTION"))
     out: dict[str, str] = {}
     for key, value in environ.items():

@@ -24,6 +24,7 @@ from runner_mw.backends import wire
 from runner_mw.backends.base import AssetResponse, ExecuteReply, RunnerBackend
 from runner_mw.errors import BadGateway, RunnerTimeout, UpstreamError
 
+HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _QUERY_SAFE = "!$&'()*+,;=:@/?-._~%"  # RFC 3986 query characters, and '%' of existing escapes
 _QUERY_PLAIN = re.compile(r"[A-Za-z0-9!$&'()*+,;=:@/?._~-]*")
@@ -36,7 +37,6 @@ def _query(query: str) -> str:
     if _QUERY_PLAIN.fullmatch(query):
         return query
     return quote(_STRAY_PERCENT.sub("%25", query), safe=_QUERY_SAFE, encoding="latin-1")
-HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
 
 
 @contextmanager
