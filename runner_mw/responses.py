@@ -26,15 +26,20 @@ REASONS = {
 }
 
 
+_STATUS_LINES = {status: f"{status} {reason}" for status, reason in REASONS.items()}
+
+
 def status_line(status: int) -> str:
+    """``"200 OK"`` for 200: the WSGI status string of a code (made once for the usual ones)."""
+    line = _STATUS_LINES.get(status)
+    if line is not None:
+        return line
     from http import HTTPStatus
 
-    reason = REASONS.get(status)
-    if reason is None:
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Unknown"
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
     return f"{status} {reason}"
 
 
