@@ -78,6 +78,67 @@ def get(pool: wire.Pool, method: str = "GET", *, body: bytes | None = None, read
 # -------------------------------------------------------------------------- framing
 
 
+class _LineByLine:
+    """The reference: llhttp's own ``on_header`` callback, a call per header line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[str, str]] | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers is None:
+            self.lines.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.headers is None and self.parser.get_status_code() >= 200:
+            self.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.lines]
+        self.lines = []
+
+
+_NAME = st.text("!#$%&'*+.^_`|~0123456789abcXYZ-", min_size=1, max_size=6)
+_VALUE = st.text(" \taZ:,;=\"\x80\xff", max_size=8).map(lambda t: t.encode("latin-1"))
+_LINE = st.tuples(_NAME, _VALUE).map(lambda nv: nv[0].encode() + b":" + nv[1])
+
+
+@settings(max_examples=400 * (100 if os.environ.get("RUNNER_MW_FUZZ_LONG") == "1" else 1), deadline=None)
+@given(st.sampled_from([b"", b"\r\n", b"\n", b"\r\n\r\n"]),
+       st.lists(st.lists(_LINE, max_size=3), max_size=2), st.lists(_LINE, max_size=6),
+       st.one_of(st.none(), st.tuples(st.integers(0, 6), st.binary(max_size=10))),
+       st.lists(st.integers(1, 40), max_size=6))
+def test_the_head_cut_from_the_bytes_has_the_lines_llhttp_calls_back_with(
+        lead: bytes, interims: list[list[bytes]], lines: list[bytes],
+        junk: tuple[int, bytes] | None, cuts: list[int]) -> None:
+    # The same bytes, fed in the same pieces, to the reference and to wire's parse: both
+    # refuse them, or both give the same header lines (names and values, in order).
+    if junk is not None:  # a line of any bytes, somewhere: mostly refused, sometimes not
+        lines.insert(junk[0], junk[1])
+    head = lead
+    for extra in interims:
+        head += b"HTTP/1.1 103 Early Hints\r\n" + b"".join(x + b"\r\n" for x in extra) + b"\r\n"
+    head += b"HTTP/1.1 200 OK\r\n" + b"".join(x + b"\r\n" for x in lines) + b"content-length: 0\r\n\r\n"
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(head[at:at + cut])
+        at += cut
+    pieces.append(head[at:])
+    reference = _LineByLine()
+    reference.parser = httptools.HttpResponseParser(reference)  # type: ignore[attr-defined]
+    parse = wire._Parse()
+    try:
+        for piece in pieces:
+            reference.parser.feed_data(piece)  # type: ignore[attr-defined]
+    except httptools.HttpParserError:
+        with pytest.raises(BadGateway):
+            for piece in pieces:
+                parse.feed(piece)
+        return
+    for piece in pieces:
+        parse.feed(piece)
+    assert parse.head_done
+    assert parse.headers == reference.headers
+
+
+
 @pytest.mark.parametrize("reply", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3;ext=1\r\nllo\r\n0\r\n\r\n",

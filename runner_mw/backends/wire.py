@@ -37,6 +37,7 @@ from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreac
 
 MAX_HEAD = 64 * 1024  # http.client's limit on one header line; here on the whole head
 MAX_HEADERS = 100  # http.client's limit too
+_CR_LF = (b"\r", b"\n")
 CHUNK = 64 * 1024
 STREAM_CHUNK = 256 * 1024  # after the first piece: a quarter of the syscalls for a big asset
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -193,14 +194,25 @@ class Pool:
 
 
 class _Parse:
-    """httptools' callbacks for one reply: collects the head, then the body pieces."""
+    """httptools' callbacks for one reply: collects the head, then the body pieces.
 
-    __slots__ = ("body", "done", "framed", "head_bytes", "head_done", "headers", "interim",
-                 "keep_alive", "parser", "raw_headers", "status")
+    The header lines are not taken one callback at a time (a Python call per line, a
+    third of the parse): once llhttp has accepted a whole head, the head is cut from the
+    bytes it was fed. Strict llhttp refuses bare CR or LF, obs-fold, a space before the
+    colon and a name that is not a token, so in an accepted head every line ends in CRLF,
+    none is empty before the last, and a line is ``name:value``: the first blank line
+    ends the head, and the first colon of a line ends the name. (llhttp skips CR and LF
+    before a reply; so does this.) A value loses its leading spaces and tabs, as llhttp's
+    own ``on_header`` value does.
+    """
+
+    __slots__ = ("body", "buffer", "done", "framed", "head_bytes", "head_done", "head_start",
+                 "headers", "interim", "keep_alive", "parser", "status")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.buffer: bytes | bytearray = b""  # every byte fed until the head was complete
+        self.head_start = 0  # where the next head starts in ``buffer`` (after interim replies)
         self.headers: list[tuple[str, str]] = []
         self.head_bytes = 0  # bytes received before the head was complete
         self.head_done = False
@@ -215,34 +227,41 @@ class _Parse:
         if self.done:  # bytes after a complete reply: the connection is out of step
             raise BadGateway("data after the reply")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Called once per header line: kept minimal, the checks run once the head is whole.
-        if not self.head_done:  # after it: a chunked trailer, nothing the contract uses
-            self.raw_headers.append((name, value))
-            if len(self.raw_headers) > MAX_HEADERS:
-                raise BadGateway("too many headers")
-
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # only cleared once the reply is done with
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise BadGateway("not HTTP/1.x")
-        raw, self.raw_headers = self.raw_headers, []
+        buffer, start = self.buffer, self.head_start
+        while buffer[start:start + 1] in _CR_LF:
+            start += 1
+        end = buffer.find(b"\r\n\r\n", start)
+        if end < 0:  # cannot be, for a head llhttp accepted; refuse rather than guess
+            raise BadGateway("reply head not found")
+        self.head_start = end + 4
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the real reply follows
             self.interim = True
             return
         if not 200 <= status <= 599:
             raise BadGateway("status out of range")
-        for name, value in raw:
-            low = name.lower()
-            if low == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
+        head = buffer[start:end].decode("latin-1")
+        lines = head.split("\r\n")
+        if len(lines) > MAX_HEADERS + 1:
+            raise BadGateway("too many headers")
+        headers = []
+        for line in lines[1:]:  # lines[0] is the status line
+            name, _, value = line.partition(":")
+            headers.append((name, value.lstrip(" \t")))
+        low = head.lower()
+        if "\r\ntransfer-encoding:" in low:
+            for name, value in headers:
+                if name.lower() == "transfer-encoding" and value.strip().lower() != "chunked":
                     raise BadGateway("transfer coding other than chunked")
-                self.framed = True
-            elif low == b"content-length":
-                self.framed = True
-        self.headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+            self.framed = True
+        elif "\r\ncontent-length:" in low:
+            self.framed = True
+        self.headers = headers
         self.status = status
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
@@ -259,6 +278,14 @@ class _Parse:
     def feed(self, data: bytes) -> None:
         if self.parser is None:
             raise BadGateway("reply already released")
+        if not self.head_done:
+            buffer = self.buffer
+            if not buffer:
+                self.buffer = data  # the usual case: the whole head in one read, no copy
+            else:  # a head in pieces: appended in place (a runner sending a byte at a time
+                if type(buffer) is bytes:  # must not cost a copy of all before each one)
+                    buffer = self.buffer = bytearray(buffer)
+                buffer += data
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
@@ -433,7 +460,6 @@ def _send_all(conn: _Conn, data: bytes, deadline: float | None) -> None:
 def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: bool,
                head_only: bool) -> _Parse:
     parse = _Parse()
-    received = bytearray()  # HEAD only: to see whether anything followed the head
     while not parse.head_done:
         _arm(conn, read_s, deadline)
         try:
@@ -449,16 +475,16 @@ def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: 
                 raise _Stale()
             raise BadGateway()  # closed before the reply head
         parse.head_bytes += len(data)
-        if head_only:
-            received += data
         parse.feed(data)
         if not parse.head_done and parse.head_bytes > MAX_HEAD:
             raise BadGateway("reply head too long")  # (interim replies count too)
     if head_only:
         # llhttp (strict) allows no CR or LF inside a header line, so the first blank line
         # ends the head. Reusable only if it is all we got and no interim reply came first.
+        received = parse.buffer
         parse.done = received.find(b"\r\n\r\n") + 4 == len(received)
         parse.body.clear()
+    parse.buffer = b""  # the head is read: the bytes need not stay
     return parse
 
 
