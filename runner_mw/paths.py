@@ -41,7 +41,9 @@ def raw_path(environ: Mapping[str, Any]) -> str | None:
     if raw.startswith(("http://", "https://")):  # absolute-form request target
         slash = raw.find("/", raw.find("//") + 2)
         raw = raw[slash:] if slash >= 0 else "/"
-    return raw.split("?", 1)[0].split("#", 1)[0]
+    if "?" in raw or "#" in raw:
+        raw = raw.split("?", 1)[0].split("#", 1)[0]
+    return raw
 
 
 def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> list[str]:
@@ -50,14 +52,15 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
     ``path_info`` is the decoded ``PATH_INFO`` (latin-1 per PEP 3333). Raises
     ``InvalidPath``. The returned segments are safe to re-encode with ``encode``.
     """
-    if _BAD_CHAR.search(path_info):
+    if _has_bad_char(path_info):
         raise InvalidPath("forbidden character in path")
     decoded = path_info.split("/")[1:]
     raw = raw_path(environ)
     if raw is not None:
-        if _BAD_ESCAPE.search(raw) or _MALFORMED_ESCAPE.search(raw):
+        # Both escape patterns start with '%'.
+        if "%" in raw and (_BAD_ESCAPE.search(raw) or _MALFORMED_ESCAPE.search(raw)):
             raise InvalidPath("encoded separator, dot, percent or control character")
-        if _BAD_CHAR.search(raw):
+        if raw != path_info and _has_bad_char(raw):
             raise InvalidPath("forbidden character in raw path")
         # The common case, decided without splitting: nothing percent-encoded and PATH_INFO
         # ("/..." so the match starts on a segment boundary) is the raw path or its tail.
@@ -72,6 +75,8 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
                 if unquote_to_bytes(enc).decode("latin-1") != dec:
                     raise InvalidPath("raw path and PATH_INFO disagree")
     segments = decoded[skip:]
+    if path_info.isascii() and "/." not in path_info and "//" not in path_info:
+        return segments  # no segment starts with a dot or is empty (but a last one), ASCII is UTF-8
     for i, seg in enumerate(segments):
         if seg in (".", ".."):
             raise InvalidPath("dot segment")
@@ -85,6 +90,14 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
         except (UnicodeEncodeError, UnicodeDecodeError):
             raise InvalidPath("path is not UTF-8") from None
     return segments
+
+
+def _has_bad_char(text: str) -> bool:
+    """Whether ``text`` has a character of ``_BAD_CHAR``: for printable ASCII (nearly every
+    path) three substring tests, ten times faster than the regex; the regex for the rest."""
+    if text.isascii() and text.isprintable():
+        return " " in text or "\\" in text or ";" in text
+    return _BAD_CHAR.search(text) is not None
 
 
 def encode(segments: list[str]) -> str:
