@@ -8,6 +8,8 @@ Every target is configured from environment variables set by ``bench/run``:
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,6 +56,59 @@ def _werkzeug() -> Any:
     })
 
 
+class FloorProxy:
+    """The least a Python WSGI proxy can cost here: NOT a usable proxy.
+
+    One keep-alive socket per thread to the upstream, the request sent as fixed bytes,
+    the reply cut at the blank line and read to its Content-Length; no checks, no
+    timeouts, no error handling, no logging. Beside runner_mw under the same gunicorn it
+    shows which part of the distance to the bare app is Python and the server (send,
+    recv, the GIL between threads) and which part is what runner_mw does per request.
+    """
+
+    _KEEP = frozenset({"content-type", "content-length", "cache-control", "etag", "last-modified"})
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.address = (host, int(port))
+        self.local = threading.local()
+
+    def _roundtrip(self, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        sock = getattr(self.local, "sock", None)
+        if sock is None:
+            sock = self.local.sock = socket.create_connection(self.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(data)
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers, length = [], 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            low, value = name.lower(), value.strip()
+            if low == "content-length":
+                length = int(value)
+            if low in self._KEEP:
+                headers.append((name, value))
+        while len(body) < length:
+            body += sock.recv(65536)
+        return int(lines[0].split(" ", 2)[1]), headers, body
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/v1/execute":
+            data = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            status, headers, body = self._roundtrip(
+                b"POST /v1/execute HTTP/1.1\r\nHost: runner\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(data), data))
+        elif path.startswith("/runner/"):
+            status, headers, body = self._roundtrip(
+                b"GET %s HTTP/1.1\r\nHost: runner\r\n\r\n" % path[7:].encode("latin-1"))
+        else:
+            return _fallback(environ, start_response)
+        start_response(f"{status} X", headers)
+        return [body]
+
+
 def _runner_mw(wrapped: Any = _fallback) -> Any:
     from runner_mw import RunnerMiddleware
 
@@ -91,6 +146,7 @@ class _WithPid:
 
 _BUILDERS = {
     "werkzeug_proxy": _werkzeug,
+    "floor_proxy": lambda: FloorProxy(os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:1")),
     "runner_mw": _runner_mw,
     "flask_bare": lambda: _flask(False),
     "flask_wrapped": lambda: _flask(True),

@@ -147,6 +147,7 @@ class Bench:
         specs: list[tuple[str, str, dict[str, str]]] = [
             ("bare WSGI (ceiling)", "bare", {}),
             ("werkzeug ProxyMiddleware", "werkzeug_proxy", up),
+            ("Python floor (forwards, checks nothing)", "floor_proxy", up),
             ("runner_mw", "runner_mw", self.runner_env(self.write_config("runner.yaml"), "main")),
         ]
         if not self.args.quick:

@@ -40,6 +40,13 @@ def child(name: str, route: str, n: int, port: int) -> None:
         port_a = port_b = port
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the access log, as in bench.inprocess
+    from runner_mw import metrics
+
+    # The flusher thread writes the metrics once a second of wall time: under valgrind that
+    # is every few hundred requests, a count that moves with the machine's load (±5 % per
+    # request). A worker serving a thousand requests a second spends a few hundred
+    # instructions per request on it; left out here, written once after the run instead.
+    metrics.FLUSH_S = 3600.0
     app = inprocess.build(name, Upstream, tmp)
     body = bench.execute_body()
     for _ in range(20):  # connections, caches: one-time costs out of the way

@@ -77,6 +77,8 @@ class Access:
     networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_NETWORKS)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Peer address -> in ``networks``, filled by ``access.check_access`` (no proxies only).
+    peers: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ client's ``Authorization``, cookies or a client-supplied service token; keep eac
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -37,6 +38,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "server", "date", "x
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+@functools.lru_cache(maxsize=256)  # nearly always "keep-alive" or "close"
 def connection_tokens(value: str | None) -> frozenset[str]:
     """Header names listed in a ``Connection`` header (lower-cased)."""
     if not value:
@@ -83,16 +85,21 @@ def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The runner's response headers minus Connection-listed, hop-by-hop, cookies and
     the ones the server or the gateway sets itself. Order and duplicates are kept."""
-    items = list(headers)
+    out: list[tuple[str, str]] = []
     named: set[str] = set()
-    for name, value in items:
-        if name.lower() == "connection":
-            named |= connection_tokens(value)
+    for name, value in headers:
+        low = name.lower()
+        if low in _RESPONSE_DROP:
+            if low == "connection":  # dropped (hop-by-hop); what it names goes too
+                named |= connection_tokens(value) - _RESPONSE_DROP
+            continue
+        out.append((name, value))
+    if named:  # beyond "keep-alive" or "close", which are dropped anyway: rare
+        out = [(n, v) for n, v in out if n.lower() not in named]
     # One check over every value (a space joins them: it is allowed) finds none, almost always.
-    clean = not _has_ctl(" ".join([v for _, v in items]))
-    return [(n, v) for n, v in items
-            if (low := n.lower()) not in _RESPONSE_DROP and low not in named
-            and (clean or not _has_ctl(v))]
+    if _has_ctl(" ".join([v for _, v in out])):
+        out = [(n, v) for n, v in out if not _has_ctl(v)]
+    return out
 
 
 def _has_ctl(value: str) -> bool:

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from runner_mw.pid import current as current_pid
 from runner_mw.responses import error, status_line
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def metrics() -> _Metrics | None:
     app, with ``preload_app``, before its ``on_starting`` hook ran).
     """
     m = _metrics
-    if m is not None and m.pid == os.getpid():
+    if m is not None and m.pid == current_pid():
         return m
     return _remake() if AVAILABLE else None
 
@@ -255,7 +256,7 @@ def finished(route: str, backend: str, status: int, seconds: float) -> None:
 def flush() -> None:
     """Write what this process recorded so far (the flusher thread does it every ``FLUSH_S``)."""
     m = _metrics
-    if m is not None and m.pid == os.getpid():
+    if m is not None and m.pid == current_pid():
         _safely(m.flush)
 
 

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from runner_mw.pid import current as current_pid
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
 
@@ -59,14 +61,14 @@ _id_state: tuple[int, str, Iterator[int]] = (0, "", itertools.count())
 
 def _new_id() -> str:
     pid, prefix, counter = _id_state
-    if pid != os.getpid():  # first use, or a forked worker: a prefix of its own
+    if pid != current_pid():  # first use, or a forked worker: a prefix of its own
         pid, prefix, counter = _reset_ids()
     return f"{prefix}{next(counter):016x}"
 
 
 def _reset_ids() -> tuple[int, str, Iterator[int]]:
     global _id_state
-    _id_state = (os.getpid(), os.urandom(8).hex(), itertools.count())
+    _id_state = (current_pid(), os.urandom(8).hex(), itertools.count())
     return _id_state
 
 

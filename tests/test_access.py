@@ -57,6 +57,20 @@ def test_the_default_is_loopback_only() -> None:
         assert check_access(env(outside), default, None) == UNAUTHORIZED, outside
 
 
+def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
+    rules = access(("10.0.0.0/8",))
+    for _ in range(2):  # decided, then remembered: the same answers
+        assert check_access(env("10.1.2.3"), rules, None) == ALLOW
+        assert check_access(env("11.1.2.3"), rules, None) == UNAUTHORIZED
+        assert check_access(env("11.1.2.3", auth=f"Bearer {ACCESS_TOKEN}"), rules, None) == UNAUTHORIZED
+    assert rules.peers == {"10.1.2.3": True, "11.1.2.3": False}
+    # Another config (a reload) decides afresh: nothing is shared with the old one.
+    assert check_access(env("11.1.2.3"), access(("11.0.0.0/8",)), None) == ALLOW
+    for i in range(5000):  # peers from everywhere: at most 4096 remembered, all still right
+        assert check_access(env(f"10.0.{i // 256}.{i % 256}"), rules, None) == ALLOW
+    assert len(rules.peers) == 4096
+
+
 @pytest.mark.parametrize(("peer", "xff", "trusted", "expected"), [
     ("10.9.9.9", "1.2.3.4", (), "10.9.9.9"),  # peer not a trusted proxy: XFF ignored
     ("127.0.0.1", "1.2.3.4", (), "127.0.0.1"),  # no trusted proxies at all: XFF ignored

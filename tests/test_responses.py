@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from runner_mw import pid
 from runner_mw.responses import request_id
 
 
@@ -17,10 +18,10 @@ def test_new_request_ids_are_32_hex_digits_and_unique() -> None:
 
 
 def test_a_forked_worker_makes_ids_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A fork is seen as a new pid (forking here would warn in a threaded pytest on 3.12+).
+    # A fork is seen as a new pid: what runner_mw.pid's fork hook records in a child
+    # (forking here would warn in a threaded pytest on 3.12+; tests/test_pid.py forks).
     parent = request_id({})
-    real = os.getpid()
-    monkeypatch.setattr(os, "getpid", lambda: real + 1)
+    monkeypatch.setattr(pid, "_pid", os.getpid() + 1)
     child = request_id({})
     assert re.fullmatch(r"[0-9a-f]{32}", child)
     assert child[:16] != parent[:16]  # another prefix: the two counters cannot collide

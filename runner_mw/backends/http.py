@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 from runner_mw.backends import wire
 from runner_mw.backends.base import AssetResponse, ExecuteReply, RunnerBackend
 from runner_mw.errors import BadGateway, RunnerTimeout, UpstreamError
+from runner_mw.pid import current as current_pid
 
 HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -75,7 +76,7 @@ class HTTPBackend(RunnerBackend):
 
     def pool(self) -> wire.Pool:
         """The process's pool, made on first use (never inherited across a fork)."""
-        pool, pid = self._pool, os.getpid()
+        pool, pid = self._pool, current_pid()
         if pool is not None and self._pool_pid == pid:
             return pool
         with self._lock:
