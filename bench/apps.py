@@ -75,11 +75,19 @@ class FloorProxy:
 
     def _roundtrip(self, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         sock = getattr(self.local, "sock", None)
-        if sock is None:
+        reply = b""
+        if sock is not None:
+            try:
+                sock.sendall(data)
+                reply = sock.recv(65536)
+            except OSError:
+                sock.close()
+        if not reply:  # no connection yet, or nginx closed an idle one: a new one, once
             sock = self.local.sock = socket.create_connection(self.address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(data)
-        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+            sock.sendall(data)
+            reply = sock.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers, length = [], 0
         for line in lines[1:]:
