@@ -10,6 +10,7 @@ import contextvars
 import io
 import json
 import logging
+import select
 import subprocess
 import sys
 import textwrap
@@ -335,3 +336,93 @@ def test_a_host_filter_on_the_access_logger_still_applies() -> None:
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------- queued access lines
+
+QUEUE = SETUP + """
+    import os, sys, threading, time
+    import runner_mw.logs as logs
+    setup_logging(config)
+    access = logging.getLogger("runner_mw.access")
+"""
+
+
+def test_a_queued_line_is_written_by_the_writer_thread_while_the_process_runs() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(QUEUE + """
+    logs.log_checked(access, "request route=asset status=200")
+    time.sleep(60)  # never exits by itself: only the writer thread can write the line
+    """)], stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stderr is not None
+        # Within 20 s (WRITE_S is 0.1 s; the child sleeps 60 s before it could exit).
+        ready, _, _ = select.select([proc.stderr], [], [], 20)
+        assert ready, "the queued line was not written while the process ran"
+        line = proc.stderr.readline()
+        assert json.loads(line)["message"] == "request route=asset status=200"
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_queued_lines_come_before_a_later_record_and_all_are_written_at_exit() -> None:
+    proc = python(QUEUE + """
+    logs.log_checked(access, "request 1")
+    logging.getLogger("runner_mw").warning("a warning after request 1")
+    for i in range(2, 1002):
+        logs.log_checked(access, f"request {i}")
+    sys.exit(0)  # at once: the last lines are still queued
+    """)
+    assert proc.returncode == 0, proc.stderr
+    messages = [json.loads(line)["message"] for line in proc.stderr.splitlines()]
+    assert messages == ["request 1", "a warning after request 1", *(f"request {i}" for i in range(2, 1002))]
+
+
+def test_lines_from_many_threads_are_each_written_once() -> None:
+    proc = python(QUEUE + """
+    def work(t):
+        for i in range(3000):
+            logs.log_checked(access, f"request {t}-{i}")
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    messages = [json.loads(line)["message"] for line in proc.stderr.splitlines()]
+    assert sorted(messages) == sorted(f"request {t}-{i}" for t in range(6) for i in range(3000))
+    for t in range(6):  # each thread's own lines in the order it logged them
+        own = [m for m in messages if m.startswith(f"request {t}-")]
+        assert own == [f"request {t}-{i}" for i in range(3000)]
+
+
+def test_a_forked_child_never_writes_its_parents_queued_lines() -> None:
+    proc = python(QUEUE + """
+    logs.WRITE_S = 3600.0  # nothing is written by the thread: the queue is full at the fork
+    logs.log_checked(access, "parent line")
+    child = os.fork()
+    if child == 0:
+        logs.log_checked(access, "child line")
+        logs.write_queued()
+        os._exit(0)
+    os.waitpid(child, 0)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    messages = [json.loads(line)["message"] for line in proc.stderr.splitlines()]
+    assert sorted(messages) == ["child line", "parent line"]
+
+
+def test_a_broken_stream_is_reported_and_never_raises() -> None:
+    proc = python(QUEUE + """
+    logs.WRITE_S = 3600.0
+    logs._handler.stream = open(os.devnull, "w")
+    logs._handler.stream.close()
+    logs.log_checked(access, "request route=asset status=200")
+    logs.write_queued()
+    print("still running")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "still running\n"
+    assert "Logging error" in proc.stderr and "1 access line(s) lost" in proc.stderr
