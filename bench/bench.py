@@ -319,11 +319,18 @@ class Bench:
             for name, g in pair if r % 2 == 0 else reversed(pair):
                 runs[name].append(self.measured_wrk(f"http://127.0.0.1:{g.port}/hello", g))
         med = {name: statistics.median(x["rps"] for x in _balanced(every)) for name, every in runs.items()}
+        # Worker CPU per request, over every round: it does not depend on how gunicorn happened
+        # to spread wrk's connections over its two workers, which moves req/s by up to 2x.
+        cpu = {name: _median_or_none([x["cpu_us"] for x in every if "cpu_us" in x])
+               for name, every in runs.items()}
         self.results["passthrough"] = {
             **inproc,
             "flask_bare_rps": med["bare"],
             "flask_wrapped_rps": med["wrapped"],
             "flask_ratio": med["wrapped"] / med["bare"],
+            "flask_bare_cpu_us": cpu["bare"],
+            "flask_wrapped_cpu_us": cpu["wrapped"],
+            "flask_cpu_ratio": (cpu["bare"] / cpu["wrapped"]) if cpu["bare"] and cpu["wrapped"] else None,
             "rounds": {name: [round(x["rps"]) for x in every] for name, every in runs.items()},
             "rounds_used": {name: f"{len(_balanced(every))}/{len(every)}" for name, every in runs.items()},
         }
@@ -380,6 +387,10 @@ class Bench:
                          f"wrapped {p['flask_wrapped_rps']:.0f} req/s, ratio {p['flask_ratio']:.3f} "
                          f"(medians of the rounds both workers took part in: bare "
                          f"{p['rounds_used']['bare']}, wrapped {p['rounds_used']['wrapped']})")
+            if p["flask_cpu_ratio"] is not None:
+                lines.append(f"- pass-through under gunicorn, worker CPU per request: bare "
+                             f"{p['flask_bare_cpu_us']:.0f} us, wrapped {p['flask_wrapped_cpu_us']:.0f} us, "
+                             f"ratio {p['flask_cpu_ratio']:.3f} (median of every round)")
             lines.append("")
         if "reload" in self.results:
             r = self.results["reload"]
