@@ -218,6 +218,15 @@ MALFORMED = {
     "cut-short-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhi",
     "cut-short-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
     "closed-before-reply": b"",
+    # A 1xx with a length: llhttp reads a body for 104-199, whose bytes (a fake head, a
+    # chunk trailer) must never be taken for the real reply's head.
+    "interim-body-fake-head": (b"HTTP/1.1 199 X\r\nContent-Length: 49\r\n\r\n"
+                               b"HTTP/1.1 200 OK\r\nSet-Cookie: session=attacker\r\n\r\n"
+                               b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),
+    "interim-chunked-trailer": (b"HTTP/1.1 150 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"0\r\nX-Trailer: injected\r\n\r\n"
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),
+    "interim-103-length": (b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n" + OK),
 }
 
 

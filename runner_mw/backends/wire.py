@@ -240,12 +240,18 @@ class _Parse:
         if end < 0:  # cannot be, for a head llhttp accepted; refuse rather than guess
             raise BadGateway("reply head not found")
         self.head_start = end + 4
+        head = buffer[start:end].decode("latin-1")
+        low = head.lower()
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the real reply follows
+            # A 1xx has no body (RFC 9110), but llhttp reads one for a 1xx other than
+            # 100-103 that gives a length; its bytes would then sit between this head and
+            # the next, where the next head is looked for: refused.
+            if "\r\ncontent-length:" in low or "\r\ntransfer-encoding:" in low:
+                raise BadGateway("interim reply with a body")
             self.interim = True
             return
         if not 200 <= status <= 599:
             raise BadGateway("status out of range")
-        head = buffer[start:end].decode("latin-1")
         lines = head.split("\r\n")
         if len(lines) > MAX_HEADERS + 1:
             raise BadGateway("too many headers")
@@ -253,7 +259,6 @@ class _Parse:
         for line in lines[1:]:  # lines[0] is the status line
             name, _, value = line.partition(":")
             headers.append((name, value.lstrip(" \t")))
-        low = head.lower()
         if "\r\ntransfer-encoding:" in low:
             for name, value in headers:
                 if name.lower() == "transfer-encoding" and value.strip().lower() != "chunked":
@@ -267,6 +272,8 @@ class _Parse:
         self.head_done = True
 
     def on_body(self, data: bytes) -> None:
+        if self.interim:  # cannot be (see on_headers_complete); refused, never read as the reply
+            raise BadGateway("interim reply with a body")
         self.body.append(data)
 
     def on_message_complete(self) -> None:
