@@ -78,7 +78,8 @@ class Access:
     tokens: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     #: Peer address -> in ``networks``, filled by ``access.check_access`` (no proxies only).
-    peers: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    #: Not an init field: ``dataclasses.replace`` with other networks starts an empty one.
+    peers: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ or the host app's ``authorize`` callable. Units on environ dicts, then through r
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import time
@@ -64,8 +65,11 @@ def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
         assert check_access(env("11.1.2.3"), rules, None) == UNAUTHORIZED
         assert check_access(env("11.1.2.3", auth=f"Bearer {ACCESS_TOKEN}"), rules, None) == UNAUTHORIZED
     assert rules.peers == {"10.1.2.3": True, "11.1.2.3": False}
-    # Another config (a reload) decides afresh: nothing is shared with the old one.
+    # Another config (a reload) decides afresh: nothing is shared with the old one, also
+    # when it is derived from this one with other networks.
     assert check_access(env("11.1.2.3"), access(("11.0.0.0/8",)), None) == ALLOW
+    stricter = dataclasses.replace(rules, networks=(ipaddress.ip_network("10.9.0.0/16"),))
+    assert check_access(env("10.1.2.3"), stricter, None) == UNAUTHORIZED
     for i in range(5000):  # peers from everywhere: at most 4096 remembered, all still right
         assert check_access(env(f"10.0.{i // 256}.{i % 256}"), rules, None) == ALLOW
     assert len(rules.peers) == 4096
