@@ -160,8 +160,10 @@ def log_checked(logger: logging.Logger, message: str) -> None:
     logger.handle(record)
 
 
-#: The longest an access line waits before it is written: a worker killed by SIGKILL
-#: loses at most this much of its access log (an exit, even by SIGTERM, loses nothing).
+#: The longest an access line waits before it is written. An exit through Python
+#: (sys.exit, the SIGTERM handlers gunicorn and the devrunner install) loses nothing; a
+#: process killed by a signal it does not handle (SIGKILL; SIGTERM in a server that sets no
+#: handler) loses at most this much of its access log.
 WRITE_S = 0.1
 _queued: collections.deque[str] = collections.deque()  # lines, appended and taken whole (GIL)
 _writer_pid = 0  # the process whose writer thread runs (none after a fork)
@@ -192,11 +194,15 @@ def write_queued() -> None:
     handler = _handler
     if handler is None or not _queued:
         return
-    lines = []
-    with contextlib.suppress(IndexError):
-        while True:  # popleft, not a swap of the deque: an append can never fall between
-            lines.append(_queued.popleft())
+    # Taken under the handler's lock: a record emitted meanwhile (which writes the queue
+    # first) cannot find it emptied by us and get written before lines logged earlier.
     with handler.lock or contextlib.nullcontext():
+        lines = []
+        with contextlib.suppress(IndexError):
+            while True:  # popleft, not a swap of the deque: an append can never fall between
+                lines.append(_queued.popleft())
+        if not lines:
+            return
         try:
             handler.stream.write("".join(lines))
             handler.stream.flush()
@@ -216,8 +222,17 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+def _forked() -> None:
+    # The parent's lines are the parent's; its writer thread did not come along, and the
+    # lock may have been held by a thread that no longer exists here.
+    global _writer_lock, _writer_pid
+    _queued.clear()
+    _writer_lock = threading.Lock()
+    _writer_pid = 0
+
+
 atexit.register(write_queued)  # before logging's own shutdown hook: atexit runs the last first
-os.register_at_fork(after_in_child=_queued.clear)  # the parent's lines are the parent's
+os.register_at_fork(after_in_child=_forked)
 
 
 def _only_ours(logger: logging.Logger, handler: logging.StreamHandler[Any]) -> bool:

@@ -426,3 +426,55 @@ def test_a_broken_stream_is_reported_and_never_raises() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "still running\n"
     assert "Logging error" in proc.stderr and "1 access line(s) lost" in proc.stderr
+
+
+def test_a_line_is_never_written_after_a_later_record_of_its_thread() -> None:
+    # Review finding: the writer took the queue before the handler's lock, so a record
+    # emitted in between was written first. The writer wakes often here to hit that gap.
+    proc = python(QUEUE + """
+    sys.setswitchinterval(1e-6)
+    logs.WRITE_S = 0.00001
+    warn = logging.getLogger("runner_mw")
+    for i in range(20000):
+        logs.log_checked(access, f"access {i}")
+        if i % 50 == 0:
+            time.sleep(0.0005)  # let the writer run now and then
+        warn.warning("record %d", i)
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    messages = [json.loads(line)["message"] for line in proc.stderr.splitlines()]
+    at = {m: n for n, m in enumerate(messages)}
+    assert len(messages) == 40000
+    assert [i for i in range(20000) if at[f"access {i}"] > at[f"record {i}"]] == []
+
+
+def test_a_fork_while_the_writer_starts_leaves_the_child_a_working_log() -> None:
+    # Review finding: a fork while another thread held the writer's start lock left the
+    # child's copy held for good; its first access line hung. Thread.start is slowed only
+    # to hold the window open.
+    proc = python(QUEUE + """
+    import signal
+    real_start = threading.Thread.start
+    def slow_start(self):
+        if self.name == "runner_mw-access-log":
+            time.sleep(0.5)
+        real_start(self)
+    threading.Thread.start = slow_start
+    starter = threading.Thread(target=logs.log_checked, args=(access, "parent line"))
+    starter.start()
+    time.sleep(0.2)  # the starter thread is inside _start_writer, holding its lock
+    child = os.fork()
+    if child == 0:
+        threading.Thread.start = real_start
+        signal.alarm(10)  # a hang ends the child by SIGALRM
+        logs.log_checked(access, "child line")
+        logs.write_queued()
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    starter.join()
+    print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "child exit 0\n"
+    messages = sorted(json.loads(line)["message"] for line in proc.stderr.splitlines())
+    assert messages == ["child line", "parent line"]
