@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mwfixtures import INDEX, SERVICE_TOKEN, Gateway
 
+from runner_mw import headers as headers_module
 from runner_mw.headers import (
     ASSET_REQUEST_ALLOW,
     EXECUTE_REQUEST_ALLOW,
@@ -91,6 +92,20 @@ def test_request_headers_matches_the_rule_spelled_out(environ: dict[str, str], e
     for _ in range(2):  # the second time from the name cache
         assert request_headers(environ, allow, allow_prefix=prefix) == \
             _request_headers_spelled_out(environ, allow, prefix)
+
+
+def test_request_header_decisions_stay_right_and_bounded_for_any_number_of_names() -> None:
+    # Names come from clients: past the bound they are decided each time, never stored.
+    for i in range(3000):
+        environ = {f"HTTP_X_ALGA_N{i}": "v", f"HTTP_X_OTHER_{i}": "w", "HTTP_ACCEPT": "a"}
+        assert request_headers(environ, EXECUTE_REQUEST_ALLOW, allow_prefix="x-alga-") == \
+            {f"x-alga-n{i}": "v", "accept": "a"}
+        assert request_headers(environ, ASSET_REQUEST_ALLOW) == {"accept": "a"}
+        assert request_headers(environ, EXECUTE_REQUEST_ALLOW) == {"accept": "a"}  # no prefix
+    assert all(len(decided) <= 1024 for decided in headers_module._DECISIONS.values())
+    # Hop-by-hop stays out even when a caller's own allow-list names it.
+    assert request_headers({"HTTP_TE": "trailers", "HTTP_ACCEPT": "a"}, frozenset({"te", "accept"})) == \
+        {"accept": "a"}
 
 
 def test_request_headers_even_an_allowed_header_named_in_connection_is_dropped() -> None:
