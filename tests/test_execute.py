@@ -34,6 +34,8 @@ from standin import (
     closed_port,
 )
 
+from runner_mw.execute import strict_json
+
 pytest_plugins = ["mwfixtures"]
 
 
@@ -561,3 +563,19 @@ def test_broken_runners_are_502_bad_gateway_and_not_retried(kind: str, fault: An
         assert_gateway_error(resp, 502, "bad_gateway")
         assert "oops" not in resp.text and "SSH" not in resp.text
         assert runner.connections == 1
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                                   "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("text", ['{"a": "\u00e9\u4e2d"}', "{}", "{", '["x"]', '"s"', "7"])
+def test_strict_json_reads_every_encoding_json_loads_reads(codec: str, text: str) -> None:
+    # The UTF-8 shortcut (a "{" whose next byte is not NUL) must never take a UTF-16 or -32
+    # body for UTF-8: both read the same, or both refuse.
+    data = text.encode(codec)
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            strict_json(data)
+        return
+    assert strict_json(data) == expected
