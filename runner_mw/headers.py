@@ -88,10 +88,10 @@ def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
             name = _decide(key, allow, allow_prefix)
             if len(decisions) < 1024:
                 decisions[key] = name
-        if name and name not in named and not _has_ctl(value):
+        if name and name not in named and not has_ctl(value):
             out[name] = value
     ctype = environ.get("CONTENT_TYPE")
-    if ctype and "content-type" in allow and "content-type" not in named and not _has_ctl(ctype):
+    if ctype and "content-type" in allow and "content-type" not in named and not has_ctl(ctype):
         out["content-type"] = ctype
     return out
 
@@ -111,13 +111,14 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
     if named:  # beyond "keep-alive" or "close", which are dropped anyway: rare
         out = [(n, v) for n, v in out if n.lower() not in named]
     # One check over every value (a space joins them: it is allowed) finds none, almost always.
-    if _has_ctl(" ".join([v for _, v in out])):
-        out = [(n, v) for n, v in out if not _has_ctl(v)]
+    if has_ctl(" ".join([v for _, v in out])):
+        out = [(n, v) for n, v in out if not has_ctl(v)]
     return out
 
 
-def _has_ctl(value: str) -> bool:
-    # Any control character but HTAB: not allowed in a field value (RFC 9110, 5.5).
+def has_ctl(value: str) -> bool:
+    """Whether ``value`` holds a control character other than HTAB: not allowed in a field
+    value (RFC 9110, 5.5), and CR or LF would split a header in two."""
     # isprintable() is true only without any control character, and ten times faster
     # than the search; only text with a tab (or a non-printable letter) needs the search.
     return not value.isprintable() and _CTL.search(value) is not None

@@ -28,8 +28,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from runner_mw.pid import current as current_pid
-
 if TYPE_CHECKING:
     from runner_mw.config import Config
 
@@ -152,7 +150,7 @@ def log_checked(logger: logging.Logger, message: str) -> None:
     if handler is not None and _only_ours(logger, handler):
         _queued.append(_direct_line(logger.name, message, time.time(),
                                     json_format=handler.formatter is _JSON) + handler.terminator)
-        if _writer_pid != current_pid():
+        if not _writer_started:
             _start_writer()
         return
     record = logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None)
@@ -166,21 +164,21 @@ def log_checked(logger: logging.Logger, message: str) -> None:
 #: handler) loses at most this much of its access log.
 WRITE_S = 0.1
 _queued: collections.deque[str] = collections.deque()  # lines, appended and taken whole (GIL)
-_writer_pid = 0  # the process whose writer thread runs (none after a fork)
+_writer_started = False  # in this process (a fork leaves the thread behind: see _forked)
 _writer_lock = threading.Lock()
 
 
 def _start_writer() -> None:
-    global _writer_pid
+    global _writer_started
     with _writer_lock:
-        if _writer_pid == current_pid():
+        if _writer_started:
             return
         try:
             threading.Thread(target=_write_every, name="runner_mw-access-log", daemon=True).start()
         except RuntimeError:  # no thread now (at exit, a thread limit): write at once
             write_queued()
             return
-        _writer_pid = current_pid()
+        _writer_started = True
 
 
 def _write_every() -> None:
@@ -225,10 +223,10 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 def _forked() -> None:
     # The parent's lines are the parent's; its writer thread did not come along, and the
     # lock may have been held by a thread that no longer exists here.
-    global _writer_lock, _writer_pid
+    global _writer_lock, _writer_started
     _queued.clear()
     _writer_lock = threading.Lock()
-    _writer_pid = 0
+    _writer_started = False
 
 
 atexit.register(write_queued)  # before logging's own shutdown hook: atexit runs the last first

@@ -478,3 +478,24 @@ def test_a_fork_while_the_writer_starts_leaves_the_child_a_working_log() -> None
     assert proc.stdout == "child exit 0\n"
     messages = sorted(json.loads(line)["message"] for line in proc.stderr.splitlines())
     assert messages == ["child line", "parent line"]
+
+
+def test_a_forked_child_starts_a_writer_of_its_own() -> None:
+    # The parent's writer thread does not survive the fork: without one of its own the
+    # child's lines would wait for its exit.
+    proc = python(QUEUE + """
+    logs.log_checked(access, "parent line")  # starts the parent's writer
+    child = os.fork()
+    if child == 0:
+        logs.log_checked(access, "child line")
+        deadline = time.monotonic() + 20
+        while logs._queued and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(0 if not logs._queued else 3)  # _exit: no atexit drain to hide a missing writer
+    _, status = os.waitpid(child, 0)
+    print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "child exit 0\n"
+    assert sorted(json.loads(line)["message"] for line in proc.stderr.splitlines()) == \
+        ["child line", "parent line"]
