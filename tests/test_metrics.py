@@ -494,6 +494,10 @@ def per_pid(folder: Path, prefix: str, name: str) -> dict[int, float]:
 
     out: dict[int, float] = {}
     for file in folder.glob(f"{prefix}_*.db"):
+        if file.stat().st_size < 4:
+            # prometheus-client creates the file, then sizes it: a worker making its file
+            # right now has no value in it yet (reading it would raise struct.error).
+            continue
         pid = int(file.stem.rsplit("_", 1)[1])
         for key, val, _ts, _pos in MmapedDict.read_all_values_from_file(str(file)):
             if json.loads(key)[1] == name:
