@@ -81,8 +81,8 @@ def cpu_per_request(app: Callable[..., Any], route: str, body: bytes, threads: i
     return cpu / n * 1e6, switches / n
 
 
-TARGETS = ("werkzeug ProxyMiddleware", "runner_mw", "runner_mw, metrics off",
-           "runner_mw, metrics+access log off")
+TARGETS = ("werkzeug ProxyMiddleware", "Python floor (forwards, checks nothing)", "runner_mw",
+           "runner_mw, metrics off", "runner_mw, metrics+access log off")
 
 
 def build(name: str, nginx: Any, tmp: Path) -> Callable[..., Any]:
@@ -93,6 +93,8 @@ def build(name: str, nginx: Any, tmp: Path) -> Callable[..., Any]:
 
     if name == "werkzeug ProxyMiddleware":
         return apps.werkzeug_proxy  # type: ignore[no-any-return]
+    if name.startswith("Python floor"):
+        return apps.floor_proxy  # type: ignore[no-any-return]
     kw = {"runner_mw": {}, "runner_mw, metrics off": {"metrics": False},
           "runner_mw, metrics+access log off": {"metrics": False, "access_log": False}}[name]
     path = tmp / f"{len(kw)}.yaml"

@@ -11,8 +11,10 @@ import os
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -364,6 +366,52 @@ def test_a_full_pool_is_overloaded_after_the_wait_and_a_released_slot_is_reusabl
         held.release()  # idempotent: the slot is not freed twice
         assert get(pool)[2] == b"hi"
         assert server.connections == 1
+
+
+def test_a_waiting_get_takes_the_slot_released_during_its_wait() -> None:
+    with Scripted([OK, OK]) as server, pool_for(server, maxsize=1, wait_s=30.0) as pool:
+        data = wire.encode_request("GET", "/x", {"host": "h"}, None)
+        held = wire.request(pool, "GET", data, read_s=2.0)
+        got: list[bytes] = []
+        waiter = threading.Thread(target=lambda: got.append(get(pool)[2]))
+        waiter.start()
+        try:
+            wait_until(lambda: pool._waiting == 1, what="a get() waiting for the only slot")
+            assert not got
+            held.read_all(10)
+            held.release()
+            waiter.join(10.0)  # well before wait_s: the release woke it
+            assert got == [b"hi"]
+        finally:
+            held.release()
+            waiter.join(30.0)
+        assert server.connections == 1  # it got the released connection, not a new one
+
+
+def test_many_threads_never_hold_more_connections_than_the_pool_size() -> None:
+    busy = peak = 0
+    lock = threading.Lock()
+
+    def counted(conn: socket.socket) -> None:
+        nonlocal busy, peak
+        with lock:
+            busy += 1
+            peak = max(peak, busy)
+        time.sleep(0.002)
+        with lock:
+            busy -= 1
+        conn.sendall(OK)
+
+    with Scripted(*[[counted] * 200] * 40) as server, pool_for(server, maxsize=2, wait_s=30.0) as pool:
+        def work() -> list[bytes]:
+            return [get(pool)[2] for _ in range(25)]
+
+        with ThreadPoolExecutor(8) as workers:
+            results = [f.result() for f in [workers.submit(work) for _ in range(8)]]
+        assert results == [[b"hi"] * 25] * 8
+        assert peak == 2  # the pool's bound, reached but never passed
+        assert server.connections == 2  # kept alive: never more connections than slots
+        assert pool._busy == 0 and pool._waiting == 0
 
 
 def test_a_refused_connect_is_not_sent() -> None:
