@@ -146,7 +146,7 @@ class Bench:
         up = {"BENCH_UPSTREAM": self.nginx.url("a")}
         specs: list[tuple[str, str, dict[str, str]]] = [
             ("bare WSGI (ceiling)", "bare", {}),
-            ("werkzeug ProxyMiddleware", "werkzeug_proxy", up),
+            (WERKZEUG, "werkzeug_proxy", up),
             ("Python floor (forwards, checks nothing)", "floor_proxy", up),
             ("runner_mw", "runner_mw", self.runner_env(self.write_config("runner.yaml"), "main")),
         ]
@@ -200,10 +200,16 @@ class Bench:
             self.wrk(f"http://127.0.0.1:{t.port}{t.execute_path}", a.warmup, post=True)
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         conns: dict[tuple[str, str], tuple[int, int]] = {}
+        routes = (("asset", False), ("execute", True))
         for r in range(a.rounds):
+            # A route's cells of a round run back to back, the order rotating between rounds:
+            # each target's ratio to werkzeug is taken within a round (seconds apart), where
+            # this shared machine's speed has changed least (it drifts by 1.5x over tens of
+            # seconds, visible even in a direct connection to nginx).
             order = targets[r % len(targets):] + targets[:r % len(targets)]
-            for t in order:
-                for route, path, post in (("asset", t.asset_path, False), ("execute", t.execute_path, True)):
+            for route, post in routes:
+                for t in order:
+                    path = t.execute_path if post else t.asset_path
                     before = self.nginx.accepts()
                     res = self.measured_wrk(f"http://127.0.0.1:{t.port}{path}", t.gunicorn, post=post)
                     after = self.nginx.accepts()
@@ -213,10 +219,12 @@ class Bench:
             self.say(f"throughput round {r + 1}/{a.rounds} done")
         table = []
         for t in targets:
-            for route in ("asset", "execute"):
+            for route, _ in routes:
                 every = runs[(t.name, route)]
                 rs = _balanced(every)
                 acc, req = conns[(t.name, route)]
+                ref = runs[(WERKZEUG, route)]
+                pairs = _paired(every, ref)
                 table.append({
                     "target": t.name, "route": route,
                     "rps": statistics.median(x["rps"] for x in rs),
@@ -225,16 +233,16 @@ class Bench:
                     "errors": sum(x["errors"] for x in rs),
                     "upstream_conns": acc, "upstream_reqs": req,
                     "rounds_rps": [round(x["rps"]) for x in every],
-                    "rounds_used": f"{len(rs)}/{len(every)}",
+                    "rounds_used": f"{len(pairs)}/{len(every)}",
                     # Worker CPU per request: far steadier than req/s on a shared machine,
                     # since time the CPUs spend elsewhere is not in it.
                     "cpu_us": _median_or_none([x["cpu_us"] for x in rs if "cpu_us" in x]),
+                    # Paired: the median of the rounds' own ratios (target / werkzeug, same round).
+                    "rounds_x_werkzeug": [round(x["rps"] / w["rps"], 3) for x, w in pairs],
+                    "x_werkzeug": statistics.median(x["rps"] / w["rps"] for x, w in pairs),
+                    "cpu_x_werkzeug": _median_or_none([w["cpu_us"] / x["cpu_us"] for x, w in pairs
+                                                       if "cpu_us" in x and "cpu_us" in w]),
                 })
-        ref = {row["route"]: row for row in table if row["target"] == "werkzeug ProxyMiddleware"}
-        for row in table:
-            wz = ref[row["route"]]
-            row["x_werkzeug"] = row["rps"] / wz["rps"]
-            row["cpu_x_werkzeug"] = (wz["cpu_us"] / row["cpu_us"]) if row["cpu_us"] and wz["cpu_us"] else None
         self.results["throughput"] = table
         for t in targets:
             if t.gunicorn is not None:
@@ -353,7 +361,8 @@ class Bench:
         lines.append(f"- load average (1 min) at start / end: {self.load[0]} / {os.getloadavg()[0]:.2f} "
                      f"(other work on the machine competes for the same {os.cpu_count()} CPUs)")
         lines.append(f"- gunicorn: {' '.join(lib.GUNICORN_ARGS)}; wrk -t{a.wrk_threads} -c{a.connections}, "
-                     f"{a.rounds} round(s) x {a.seconds}s per cell (median), "
+                     f"{a.rounds} round(s) x {a.seconds}s per cell (median; x werkzeug: the median of "
+                     f"each round's own ratio), "
                      f"wrk CPU pin: {a.wrk_cpu or 'none'}; "
                      f"nginx worker_processes {a.nginx_workers}")
         lines.append("")
@@ -458,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+WERKZEUG = "werkzeug ProxyMiddleware"  # the reference of every ratio
+
 # A round counts when each gunicorn worker did at least this share of the CPU work.
 BALANCED_SHARE = 0.2
 
@@ -466,6 +477,16 @@ def _balanced(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rounds in which both gunicorn workers worked (all of them if none did): a round
     where one worker had every connection measures half a server."""
     return [x for x in runs if x.get("balanced", True)] or runs
+
+
+Cell = dict[str, Any]
+
+
+def _paired(runs: list[Cell], ref: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """(target, werkzeug) cells of the same round, where both servers' workers took part
+    (every round if there is no such one)."""
+    pairs = list(zip(runs, ref, strict=True))
+    return [(x, w) for x, w in pairs if x.get("balanced", True) and w.get("balanced", True)] or pairs
 
 
 def _median_or_none(values: list[float]) -> float | None:
