@@ -94,6 +94,7 @@ class _Conn:
 _TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
 _TCP_INFO_LEN = 136  # up to tcpi_bytes_received (Linux 4.1): the layout only ever grows
 _TCP_ESTABLISHED = 1
+_BYTES_RECEIVED = struct.Struct("Q").unpack_from  # tcpi_bytes_received, at offset 128
 
 
 def tcp_idle(sock: socket.socket, received: int) -> bool | None:
@@ -112,7 +113,7 @@ def tcp_idle(sock: socket.socket, received: int) -> bool | None:
         return False
     if len(info) < _TCP_INFO_LEN:
         return None
-    return info[0] == _TCP_ESTABLISHED and struct.unpack_from("Q", info, 128)[0] == received
+    return info[0] == _TCP_ESTABLISHED and _BYTES_RECEIVED(info, 128)[0] == received
 
 
 class Pool:
