@@ -280,9 +280,10 @@ def render(start_response: StartResponse, snap: Any, rid: str) -> tuple[int, lis
     if m is not None:
         _safely(m.generation.set, snap.generation)  # generation 1 is never a "reload"
         _safely(m.flush)  # this worker's figures up to now
-    if os.environ.get(MULTIPROC_ENV):
+    folder = os.environ.get(MULTIPROC_ENV)
+    if folder:
         registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_SizedFiles(folder))
     else:
         registry = prom.REGISTRY
     body = prom.generate_latest(registry)
@@ -293,6 +294,31 @@ def render(start_response: StartResponse, snap: Any, rid: str) -> tuple[int, lis
         ("X-Request-Id", rid),
     ])
     return 200, [body]
+
+
+class _SizedFiles:
+    """prometheus-client's ``MultiProcessCollector`` over the files that hold values.
+
+    A process creates its file, then sizes it; a scrape in that instant read 0 bytes and
+    raised ``struct.error`` (the scrape got a 500). A file not yet sized holds no value."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def collect(self) -> Any:
+        files = []
+        for entry in os.scandir(self.folder):
+            if not entry.name.endswith(".db"):
+                continue
+            try:
+                if entry.stat().st_size >= _HEADER_BYTES:
+                    files.append(entry.path)
+            except FileNotFoundError:  # removed since (a dead worker's live gauge)
+                continue
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+
+_HEADER_BYTES = 8  # a sized file starts with its used length (4 bytes) and padding
 
 
 # --------------------------------------------------------------------------- gunicorn

@@ -342,6 +342,33 @@ def test_multiprocess_mode_after_an_early_import_and_forks(tmp_path: Path) -> No
     assert out["removed"]
 
 
+def test_a_scrape_skips_a_worker_file_that_is_being_created(tmp_path: Path) -> None:
+    # prometheus-client creates a worker's file, then sizes it: a scrape in between read
+    # 0 bytes and raised struct.error (a 500 for the scrape). Such a file holds no value yet.
+    code = textwrap.dedent("""
+        import json, os
+        import runner_mw.metrics as m
+        path = m.setup_multiprocess()
+        m.started(); m.finished("execute", "b", 200, 0.1)
+        m.flush()
+
+        class Snap:
+            generation = 1
+            class config:
+                metrics_enabled = True
+
+        for kind in ("counter", "histogram", "gauge_livesum"):
+            open(os.path.join(path, f"{kind}_424242.db"), "wb").close()  # made, not yet sized
+        out = []
+        status, body = m.render(lambda s, h: out.append(s), Snap(), "rid")
+        m.cleanup_multiprocess()
+        print(json.dumps({"status": status, "line": out, "page": b"".join(body).decode()}))
+    """)
+    out = run_python(code, clean_env(tmp_path))
+    assert out["status"] == 200 and out["line"] == ["200 OK"]
+    assert value(out["page"], "runner_mw_requests_total", route="execute", backend="b", status="200") == 1
+
+
 def test_an_operators_folder_is_kept_and_an_inherited_private_one_replaced(tmp_path: Path) -> None:
     mine = tmp_path / "operator"
     mine.mkdir()
