@@ -233,15 +233,16 @@ class Bench:
                     "errors": sum(x["errors"] for x in rs),
                     "upstream_conns": acc, "upstream_reqs": req,
                     "rounds_rps": [round(x["rps"]) for x in every],
-                    "rounds_used": f"{len(pairs)}/{len(every)}",
+                    "rounds_used": f"{len(rs)}/{len(every)}",
+                    "rounds_paired": len(pairs),
                     # Worker CPU per request: far steadier than req/s on a shared machine,
                     # since time the CPUs spend elsewhere is not in it.
                     "cpu_us": _median_or_none([x["cpu_us"] for x in rs if "cpu_us" in x]),
                     # Paired: the median of the rounds' own ratios (target / werkzeug, same round).
                     "rounds_x_werkzeug": [round(x["rps"] / w["rps"], 3) for x, w in pairs],
-                    "x_werkzeug": statistics.median(x["rps"] / w["rps"] for x, w in pairs),
+                    "x_werkzeug": _median_or_none([x["rps"] / w["rps"] for x, w in pairs]),
                     "cpu_x_werkzeug": _median_or_none([w["cpu_us"] / x["cpu_us"] for x, w in pairs
-                                                       if "cpu_us" in x and "cpu_us" in w]),
+                                                       if x.get("cpu_us") and "cpu_us" in w]),
                 })
         self.results["throughput"] = table
         for t in targets:
@@ -373,10 +374,11 @@ class Bench:
             for row in self.results["throughput"]:
                 cpu = "-" if row["cpu_us"] is None else f"{row['cpu_us']:.0f}"
                 cpu_x = "-" if row["cpu_x_werkzeug"] is None else f"{row['cpu_x_werkzeug']:.2f}"
+                ratio = "-" if row["x_werkzeug"] is None else f"{row['x_werkzeug']:.2f}"
                 lines.append(
                     f"| {row['target']} | {row['route']} | {row['rps']:.0f} | {row['p50_ms']:.2f} | "
-                    f"{row['p99_ms']:.2f} | {row['x_werkzeug']:.2f} | {cpu} | {cpu_x} | "
-                    f"{row['rounds_used']} | {row['errors']} | "
+                    f"{row['p99_ms']:.2f} | {ratio} | {cpu} | {cpu_x} | "
+                    f"{row['rounds_used']} ({row['rounds_paired']} paired) | {row['errors']} | "
                     f"{row['upstream_conns']} / {row['upstream_reqs']} |")
             lines.append("")
         if "streaming" in self.results:
@@ -485,7 +487,7 @@ Cell = dict[str, Any]
 def _paired(runs: list[Cell], ref: list[Cell]) -> list[tuple[Cell, Cell]]:
     """(target, werkzeug) cells of the same round, where both servers' workers took part
     (every round if there is no such one)."""
-    pairs = list(zip(runs, ref, strict=True))
+    pairs = [(x, w) for x, w in zip(runs, ref, strict=True) if w["rps"] > 0]  # (a round wrk got none)
     return [(x, w) for x, w in pairs if x.get("balanced", True) and w.get("balanced", True)] or pairs
 
 

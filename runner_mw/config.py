@@ -103,6 +103,12 @@ class Config:
     #: The validated data after interpolation: what a gunicorn master hands its workers.
     data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
+    def __post_init__(self) -> None:
+        # The middleware matches with str.startswith(tuple): a list from code (say, in
+        # dataclasses.replace) must work as the loader's tuple does, not fail every request.
+        if not isinstance(self.asset_prefixes, tuple):
+            object.__setattr__(self, "asset_prefixes", tuple(self.asset_prefixes))
+
     @property
     def active(self) -> BackendSettings:
         return self.backends[self.backend]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -307,12 +308,10 @@ class _SizedFiles:
 
     def collect(self) -> Any:
         files = []
-        for entry in os.scandir(self.folder):
-            if not entry.name.endswith(".db"):
-                continue
+        for path in glob.glob(os.path.join(glob.escape(self.folder), "*.db")):  # no dotfiles, as before
             try:
-                if entry.stat().st_size >= _HEADER_BYTES:
-                    files.append(entry.path)
+                if os.stat(path).st_size >= _HEADER_BYTES:
+                    files.append(path)
             except FileNotFoundError:  # removed since (a dead worker's live gauge)
                 continue
         return multiprocess.MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]

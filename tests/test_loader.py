@@ -577,6 +577,9 @@ def test_config_from_mapping_matches_the_yaml_equivalent() -> None:
     # A tuple where YAML would have a list is fine in code.
     as_tuple = {**MAPPING, "routes": {"asset_prefixes": ("ext-ui/", "static/")}}
     assert config_from_mapping(as_tuple).asset_prefixes == ("ext-ui/", "static/")
+    # A list given in code, past the loader, becomes a tuple too (the middleware needs one).
+    replaced = dataclasses.replace(config_from_mapping(MAPPING), asset_prefixes=["ext-ui/", "static/"])
+    assert replaced.asset_prefixes == ("ext-ui/", "static/")
     # The caller's mapping is not modified.
     assert MAPPING["backends"]["knative"]["timeouts"] == {"connect_ms": 4000}
 

@@ -359,6 +359,12 @@ def test_a_scrape_skips_a_worker_file_that_is_being_created(tmp_path: Path) -> N
 
         for kind in ("counter", "histogram", "gauge_livesum"):
             open(os.path.join(path, f"{kind}_424242.db"), "wb").close()  # made, not yet sized
+        # A hidden copy of a real file is not a worker's (prometheus-client's glob skips it).
+        real = next(f for f in os.listdir(path) if f.startswith("counter_") and "424242" not in f)
+        with open(os.path.join(path, real), "rb") as src:
+            copy = src.read()
+        with open(os.path.join(path, ".counter_1.db"), "wb") as dst:
+            dst.write(copy)
         out = []
         status, body = m.render(lambda s, h: out.append(s), Snap(), "rid")
         m.cleanup_multiprocess()

@@ -366,6 +366,10 @@ def test_a_full_pool_is_overloaded_after_the_wait_and_a_released_slot_is_reusabl
         held.release()  # idempotent: the slot is not freed twice
         assert get(pool)[2] == b"hi"
         assert server.connections == 1
+        conn, _ = pool.get()
+        pool.put(conn, True)
+        with pytest.raises(RuntimeError):  # a second put would let two threads share conn
+            pool.put(conn, True)
 
 
 def test_a_waiting_get_takes_the_slot_released_during_its_wait() -> None:

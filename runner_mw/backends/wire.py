@@ -170,21 +170,30 @@ class Pool:
         self._waiting += 1
         try:
             return self._slot_free.wait_for(lambda: self._busy < self.maxsize, self.wait_s)
+        except BaseException:  # KeyboardInterrupt, say: the wake-up it may have used goes on
+            if self._busy < self.maxsize:
+                self._slot_free.notify()
+            raise
         finally:
             self._waiting -= 1
 
     def _free_slot(self) -> None:
         with self._lock:
-            self._busy -= 1
-            if self._waiting:
-                self._slot_free.notify()
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        # Called with the lock held. Freeing a slot twice would let two threads share one
+        # connection: refused, as BoundedSemaphore refused it.
+        if self._busy <= 0:
+            raise RuntimeError("pool slot released twice")
+        self._busy -= 1
+        if self._waiting:
+            self._slot_free.notify()
 
     def put(self, conn: _Conn, reusable: bool) -> None:
         """Give a connection back (kept only if ``reusable``); frees its slot."""
         with self._lock:
-            self._busy -= 1
-            if self._waiting:
-                self._slot_free.notify()
+            self._release_slot()
             if reusable and not self._closed:
                 self._idle.append(conn)
                 return
