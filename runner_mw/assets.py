@@ -84,12 +84,12 @@ def handle_asset(
             upstream.close()
             done(exc.status)
             return error(start_response, exc.status, exc.code, rid)
-        out = response_headers(upstream.headers)
+        out, location = response_headers(upstream.headers)
         if not (200 <= upstream.status < 300 or upstream.status == 304):
             # The runner marks every reply immutable; an error page must not be cached.
             out = [(n, v) for n, v in out if n.lower() != "cache-control"]
             out.append(("Cache-Control", "no-store"))
-        if any(n.lower() == "location" for n, _ in out):
+        if location:
             out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
         out.append(("X-Request-Id", rid))
         whole = upstream.complete()  # (a backend's own code: inside this guard)

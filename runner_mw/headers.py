@@ -96,24 +96,48 @@ def request_headers(environ: Mapping[str, Any], allow: frozenset[str], *,
     return out
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+# What becomes of a response header, by its name as the runner spelled it: decided once per
+# spelling (a lower() and a set test for every header of every reply cost 3 us an asset).
+# Bounded: the names are the runner's choice.
+_PASS, _DROP, _CONNECTION, _LOCATION = 0, 1, 2, 3
+_RESPONSE_KINDS: dict[str, int] = {}
+
+
+def _response_kind(name: str) -> int:
+    low = name.lower()
+    kind = (_CONNECTION if low == "connection" else _DROP if low in _RESPONSE_DROP
+            else _LOCATION if low == "location" else _PASS)
+    if len(_RESPONSE_KINDS) < 1024:
+        _RESPONSE_KINDS[name] = kind
+    return kind
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
     """The runner's response headers minus Connection-listed, hop-by-hop, cookies and
-    the ones the server or the gateway sets itself. Order and duplicates are kept."""
+    the ones the server or the gateway sets itself (order and duplicates kept), and whether
+    a ``Location`` may be among them (False: certainly none, nothing to rewrite)."""
     out: list[tuple[str, str]] = []
     named: set[str] = set()
+    location = False
+    kinds = _RESPONSE_KINDS
     for name, value in headers:
-        low = name.lower()
-        if low in _RESPONSE_DROP:
-            if low == "connection":  # dropped (hop-by-hop); what it names goes too
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _response_kind(name)
+        if kind != _PASS:
+            if kind == _CONNECTION:  # dropped (hop-by-hop); what it names goes too
                 named |= connection_tokens(value) - _RESPONSE_DROP
-            continue
+                continue
+            if kind == _DROP:
+                continue
+            location = True
         out.append((name, value))
     if named:  # beyond "keep-alive" or "close", which are dropped anyway: rare
         out = [(n, v) for n, v in out if n.lower() not in named]
     # One check over every value (a space joins them: it is allowed) finds none, almost always.
     if has_ctl(" ".join([v for _, v in out])):
         out = [(n, v) for n, v in out if not has_ctl(v)]
-    return out
+    return out, location
 
 
 def has_ctl(value: str) -> bool:

@@ -137,9 +137,20 @@ def test_response_headers_drop_hops_cookies_and_server_set_ones() -> None:
         ("Link", "</b>; rel=preload"), ("X-Bad", "a\r\nInjected: 1"), ("ETag", '"e"'), ("Trailer", "X-T"),
         ("Upgrade", "h2c"), ("Proxy-Authenticate", "Basic"), ("Content-Length", "10"),
     ]
-    assert response_headers(upstream) == [
-        ("Content-Type", "text/html"), ("Link", "</a>; rel=preload"), ("Link", "</b>; rel=preload"),
-        ("ETag", '"e"'), ("Content-Length", "10")]
+    for _ in range(2):  # the second time from the per-name decisions
+        assert response_headers(upstream) == ([
+            ("Content-Type", "text/html"), ("Link", "</a>; rel=preload"), ("Link", "</b>; rel=preload"),
+            ("ETag", '"e"'), ("Content-Length", "10")], False)
+
+
+def test_response_headers_say_whether_a_location_may_need_rewriting() -> None:
+    for _ in range(2):
+        assert response_headers([("LOCATION", "/ext-ui/x"), ("ETag", '"e"')]) == (
+            [("LOCATION", "/ext-ui/x"), ("ETag", '"e"')], True)
+        assert response_headers([("Content-Type", "a/b"), ("Content-Location", "/x")])[1] is False
+        # Named in Connection and so dropped: still True, a harmless "may".
+        out, _ = response_headers([("Connection", "location"), ("Location", "/x"), ("ETag", "e")])
+        assert out == [("ETag", "e")]
 
 
 # -- through HTTP: assets ---------------------------------------------------------------------------
