@@ -132,12 +132,13 @@ def test_refused_head_requests_too(any_gateway: Gateway) -> None:
     (INDEX + "?tenant=t1", UPSTREAM_INDEX + "?tenant=t1"),
     (f"{E}/", f"/ext-ui/{EXT}/{HASH}/"),
     (f"{E}/%C3%A9t%C3%A9.js", f"/ext-ui/{EXT}/{HASH}/%C3%A9t%C3%A9.js"),
+    (f"{E}/my%20file.png", f"/ext-ui/{EXT}/{HASH}/my%20file.png"),  # a file name with a space
     (f"{E}/%c3%a9.js", f"/ext-ui/{EXT}/{HASH}/%C3%A9.js"),
     (f"{E}/a%3Fx=1", f"/ext-ui/{EXT}/{HASH}/a%3Fx=1"),
     (f"{E}/a%23b", f"/ext-ui/{EXT}/{HASH}/a%23b"),
     (f"{E}/%7Etilde%40at%3Acolon", f"/ext-ui/{EXT}/{HASH}/~tilde@at:colon"),
     (f"{E}/...js", f"/ext-ui/{EXT}/{HASH}/...js"),
-], ids=["index", "trailing-slash", "utf8", "lowercase-escapes", "encoded-question-mark",
+], ids=["index", "trailing-slash", "utf8", "space-in-a-name", "lowercase-escapes", "encoded-question-mark",
         "encoded-hash", "unreserved-escapes", "dots-inside-a-name"])
 def test_clean_paths_are_forwarded_re_encoded_strictly(any_gateway: Gateway, target: str,
                                                       upstream: str) -> None:
