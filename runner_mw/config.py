@@ -97,7 +97,8 @@ class Config:
     metrics_enabled: bool = True
     log_format: str = "text"
     access_log: bool = True
-    #: Where it came from (a file path or "<mapping>") and the sha256 of the source text.
+    #: Where it came from (a file path or "<mapping>") and the sha256 of the source text
+    #: (and of the secret files and CA bundles it names, when it names any: see the loader).
     source: str = "<mapping>"
     sha256: str = ""
     #: The validated data after interpolation: what a gunicorn master hands its workers.

@@ -47,13 +47,12 @@ import signal
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from runner_mw import metrics
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError
-from runner_mw.loader import config_from_mapping, load_config
+from runner_mw.loader import config_dir, config_from_mapping, load_config
 from runner_mw.snapshot import changed_keys
 
 __all__ = ["child_exit", "on_exit", "on_starting", "post_worker_init"]
@@ -410,7 +409,7 @@ class _Poller:
             source = state["source"]
             try:
                 config = config_from_mapping(state["data"], source=source,
-                                             base_dir=Path(source).resolve().parent, sha256=state["sha256"])
+                                             base_dir=config_dir(source), sha256=state["sha256"])
             except Exception as exc:
                 # Cannot happen with the same code on both sides; if it does, keep serving.
                 if self.state is None:

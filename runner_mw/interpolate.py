@@ -84,12 +84,14 @@ def reread_scalar(text: str) -> Any:
 
 def resolve_files(data: Any, base_dir: Path, path: KeyPath = (),
                   secret_keys: frozenset[str] = frozenset(),
+                  read: list[tuple[Path, bytes]] | None = None,
                   ) -> tuple[Any, list[tuple[KeyPath, str]]]:
     """Replace each ``{file: PATH}`` mapping under a secret key by the file's text (one
     trailing newline stripped); elsewhere it is left for the schema to refuse.
 
     Relative paths resolve against ``base_dir`` (the config file's folder).
-    Returns the new data and a list of (key path, message) problems.
+    Returns the new data and a list of (key path, message) problems; each file read is
+    appended to ``read`` as (path, bytes) when given (a rotated secret changes the config).
     """
     problems: list[tuple[KeyPath, str]] = []
 
@@ -118,6 +120,8 @@ def resolve_files(data: Any, base_dir: Path, path: KeyPath = (),
             problems.append(((*here, "file"), f"secret file {str(target)!r} is larger than "
                              f"{MAX_SECRET_FILE_BYTES} bytes"))
             return None
+        if read is not None:
+            read.append((target, raw))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

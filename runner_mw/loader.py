@@ -55,8 +55,16 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except UnicodeDecodeError as exc:
         problem = f"file is not UTF-8 text ({exc.reason} at byte {exc.start})"
         raise ConfigError([ConfigIssue(file, None, "", problem)]) from None
-    return config_from_text(text, file=file, base_dir=Path(file).resolve().parent, env=env,
+    return config_from_text(text, file=file, base_dir=config_dir(file), env=env,
                             sha256=hashlib.sha256(raw).hexdigest())
+
+
+def config_dir(file: str) -> Path:
+    """The folder relative ``{file: ...}`` and ``ca_bundle`` paths start from: the config
+    file's, as named, symlinks not followed. A Kubernetes ConfigMap mounts ``runner.yaml`` as
+    a link into a timestamped folder that the next update deletes: a path pinned there
+    would break; through the mount's own links it reaches the new files."""
+    return Path(os.path.abspath(file)).parent
 
 
 def config_from_text(
@@ -86,7 +94,7 @@ def config_from_text(
                                        f"{_type_name(data)}")])
     if sha256 is None:
         sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return _validate(data, file, lines, base_dir or Path.cwd(), sha256)
+    return _validate(data, file, lines, base_dir or Path.cwd(), sha256, files_in_digest=True)
 
 
 def config_from_mapping(
@@ -103,7 +111,8 @@ def config_from_mapping(
                                        f"{_type_name(data)}")])
     plain = _plain(data)
     digest = sha256 or hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
-    return _validate(plain, source, {}, base_dir or Path.cwd(), digest)
+    # A worker rebuilding its master's config takes the master's digest as it is.
+    return _validate(plain, source, {}, base_dir or Path.cwd(), digest, files_in_digest=sha256 is None)
 
 
 # --------------------------------------------------------------------------- validation
@@ -129,9 +138,10 @@ class _Issues:
 
 
 def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_dir: Path,
-              sha256: str) -> c.Config:
+              sha256: str, *, files_in_digest: bool) -> c.Config:
     issues = _Issues(file, lines)
-    data, file_problems = resolve_files(data, base_dir, secret_keys=c.SECRET_KEYS)
+    read: list[tuple[Path, bytes]] = []
+    data, file_problems = resolve_files(data, base_dir, secret_keys=c.SECRET_KEYS, read=read)
     for path, message in file_problems:
         issues.add(path, message)
     _schema_issues(Validator(main_schema()), data, (), issues)
@@ -140,9 +150,33 @@ def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_d
         _backend_issues(backends, issues)
     if not issues.items:
         _semantic_issues(data, base_dir, issues)
+    if not issues.items and files_in_digest:
+        sha256 = _digest_with_files(sha256, read, data, base_dir, issues)
     if issues.items:
         raise ConfigError(issues.items)
     return _build(data, file, sha256, base_dir)
+
+
+def _digest_with_files(sha256: str, secrets: list[tuple[Path, bytes]], data: dict[str, Any],
+                       base_dir: Path, issues: _Issues) -> str:
+    """The config's digest, covering the files it names: a rotated ``{file: ...}`` secret or
+    CA bundle, then SIGHUP, is a change to apply, not "unchanged". The YAML's own sha256
+    when it names no file."""
+    parts = [(f"secret {path}", raw) for path, raw in secrets]
+    for name, entry in sorted(data["backends"].items()):
+        ca = entry.get("ca_bundle")
+        if ca:
+            try:
+                parts.append((f"ca_bundle {name}", _resolve(ca, base_dir).read_bytes()))
+            except OSError as exc:  # gone since it was checked
+                issues.add(("backends", name, "ca_bundle"), f"cannot read CA bundle {ca!r}: "
+                           f"{exc.strerror or exc}")
+    if not parts:
+        return sha256
+    digest = hashlib.sha256(sha256.encode())
+    for label, raw in parts:
+        digest.update(b"\0" + label.encode("utf-8", "surrogateescape") + b"\0" + hashlib.sha256(raw).digest())
+    return digest.hexdigest()
 
 
 def _schema_issues(validator: Any, data: Any, prefix: KeyPath, issues: _Issues) -> None:

@@ -290,6 +290,28 @@ def test_a_broken_missing_or_renamed_file_under_gunicorn(
         assert server.alive()
 
 
+def test_a_rotated_secret_file_and_a_hup_reach_every_worker(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # The YAML stays the same; the service token file it names is rotated. The master must
+    # see a change (not "unchanged"), and every worker must send the new token.
+    token = tmp_path / "svc-token"
+    token.write_text("first-service-token-0001\n", encoding="utf-8")
+    config_file.write_text(config_text(runners[0]) + "upstream:\n  service_token: {file: svc-token}\n",
+                           encoding="utf-8")
+    runner = runners[0]
+    with gunicorn(tmp_path, config_file) as server:
+        write_atomically(token, "second-service-token-002\n")
+        server.hup()
+        server.all_workers(lambda d: d["generation"] == 2, "generation 2 in every worker")
+        assert not log_lines(server, "result=unchanged")
+        seen = len(runner.received)  # (status polls probed the runner with the old token before)
+        for _ in range(8):  # new connections: both workers answer
+            assert requests.get(server.base + ASSET, headers=CLOSE, timeout=T).status_code == 200
+        sent = {r.headers.get("x-runner-service-token") for r in runner.received[seen:]}
+        assert sent == {"second-service-token-002"}
+    assert "second-service-token-002" not in server.text()  # logs never show it
+
+
 def test_a_burst_of_100_hups_ends_on_the_last_file(
         tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
     with gunicorn(tmp_path, config_file) as server:

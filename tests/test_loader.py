@@ -712,3 +712,65 @@ def test_sha256_is_of_the_file_bytes(tmp_path: Path) -> None:
     cfg = load_config(target, env={})
     assert cfg.sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
     assert cfg.source == str(target)
+
+
+# -- files the config names: found through the config folder's links, part of its digest ----------
+
+CONFIGMAP_YAML = """version: 1
+backend: k
+backends:
+  k:
+    kind: knative
+    url: https://runner.internal
+    ca_bundle: ca.pem
+    service_token: {file: svc-token}
+"""
+
+
+def _configmap_version(mount: Path, name: str, token: str, ca: bytes) -> None:
+    """One version of a Kubernetes ConfigMap/Secret mount: files in a timestamped folder, made
+    current by an atomic swap of the ``..data`` link (the kubelet's own steps)."""
+    folder = mount / name
+    folder.mkdir()
+    (folder / "runner.yaml").write_text(CONFIGMAP_YAML, encoding="utf-8")
+    (folder / "svc-token").write_text(token + "\n", encoding="utf-8")
+    (folder / "ca.pem").write_bytes(ca)
+    link = mount / "..data_tmp"
+    link.symlink_to(name)
+    link.rename(mount / "..data")
+    for file in ("runner.yaml", "svc-token", "ca.pem"):
+        if not (mount / file).is_symlink():
+            (mount / file).symlink_to(f"..data/{file}")
+
+
+def test_files_are_found_through_a_configmap_mount_and_rotating_them_changes_the_config(
+        tmp_path: Path) -> None:
+    mount = tmp_path / "runner-config"
+    mount.mkdir()
+    _configmap_version(mount, "..2026_11_27_a", "first-service-token-0001", b"CA one")
+    first = load_config(mount / "runner.yaml")
+    # Through the mount's own links, never pinned in the timestamped folder.
+    assert first.active.ca_bundle == str(mount / "ca.pem")
+    assert first.active.service_token == "first-service-token-0001"
+    assert load_config(mount / "runner.yaml").sha256 == first.sha256  # same files: same digest
+
+    # The kubelet's update: a new folder, the link swapped, the old folder deleted.
+    _configmap_version(mount, "..2026_11_27_b", "second-service-token-002", b"CA one")
+    shutil.rmtree(mount / "..2026_11_27_a")
+    second = load_config(mount / "runner.yaml")  # the YAML did not change: the secret did
+    assert second.active.service_token == "second-service-token-002"
+    assert second.sha256 != first.sha256
+    assert Path(second.active.ca_bundle or "").read_bytes() == b"CA one"
+
+    _configmap_version(mount, "..2026_11_27_c", "second-service-token-002", b"CA two")
+    shutil.rmtree(mount / "..2026_11_27_b")
+    third = load_config(mount / "runner.yaml")  # only the CA bundle changed
+    assert third.sha256 not in (first.sha256, second.sha256)
+
+
+def test_a_config_naming_no_file_keeps_its_own_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    file = tmp_path / "runner.yaml"
+    file.write_text("version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: http://127.0.0.1:1\n")
+    assert load_config(file).sha256 == hashlib.sha256(file.read_bytes()).hexdigest()

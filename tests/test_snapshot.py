@@ -226,3 +226,23 @@ def test_changed_keys_names_secrets_without_their_values() -> None:
     keys = changed_keys(old, new)
     assert keys == ["backend", "upstream.service_token (secret)"]
     assert not any("secret-value" in k for k in keys)
+
+
+def test_a_rotated_secret_file_is_a_change_and_the_same_file_again_is_not(
+        builds: Builds, tmp_path: Path) -> None:
+    # The YAML names the service token's file; rotating the file, then a reload, applies it.
+    from runner_mw.loader import load_config
+
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:8085") + "    service_token: {file: token}\n",
+                    encoding="utf-8")
+    token = tmp_path / "token"
+    token.write_text("old-service-token-0001\n", encoding="utf-8")
+    store = SnapshotStore(load_config(file), path=str(file), build=builds)
+    snap = store.current
+    token.write_text("old-service-token-0001\n", encoding="utf-8")  # rewritten, same bytes
+    assert store.reload().ok and store.current is snap
+    token.write_text("new-service-token-0002\n", encoding="utf-8")
+    outcome = store.reload()
+    assert outcome.ok and outcome.generation == 2 and store.current is not snap
+    assert store.current.config.active.service_token == "new-service-token-0002"
