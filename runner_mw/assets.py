@@ -90,7 +90,7 @@ def handle_asset(
             out = [(n, v) for n, v in out if n.lower() != "cache-control"]
             out.append(("Cache-Control", "no-store"))
         if location:
-            out = [_relocate(n, v, environ, snap.config.asset_prefixes, active.url) for n, v in out]
+            out = [_relocate(n, v, environ, snap.config.asset_prefixes, _origins(active)) for n, v in out]
         out.append(("X-Request-Id", rid))
         whole = upstream.complete()  # (a backend's own code: inside this guard)
         start_response(status_line(upstream.status), out)
@@ -113,14 +113,24 @@ def handle_asset(
     return StreamedBody(upstream, lambda complete: done(status if complete else 502), first)
 
 
+def _origins(active: Any) -> tuple[str, ...]:
+    """The runner's own origins, as a Location may name them: its URL, and with a ``host``
+    (Knative's ingress routes on it) that host over http and https."""
+    if not active.host:
+        return (active.url,)
+    return (active.url, f"http://{active.host}", f"https://{active.host}")
+
+
 def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...],
-              upstream: str) -> tuple[str, str]:
+              origins: tuple[str, ...]) -> tuple[str, str]:
     """A redirect to ``/ext-ui/...`` on the runner becomes ``/runner/ext-ui/...`` here (also
-    when the runner names its own internal URL, which must not reach browsers)."""
+    when the runner names one of its own origins, which must not reach browsers)."""
     if name.lower() != "location":
         return name, value
-    if value.startswith(upstream + "/"):
-        value = value[len(upstream):]
+    for origin in origins:
+        if value[:len(origin) + 1].lower() == origin.lower() + "/":
+            value = value[len(origin):]
+            break
     if not value.startswith("/") or value.startswith("//"):
         return name, value
     if any(value[1:].startswith(p) for p in prefixes):

@@ -21,6 +21,7 @@ from mwfixtures import (
     HASH,
     HOST,
     INDEX,
+    KNATIVE_HOST,
     SERVERS,
     SERVICE_TOKEN,
     UPSTREAM_INDEX,
@@ -158,6 +159,21 @@ def test_redirects_are_passed_never_followed(gateway: Gateway, status: int, loca
     assert resp.status == status and resp.header("Location") == client_sees
     assert resp.header("Cache-Control") == "no-store"
     assert len(gateway.runner.received) == 1
+
+
+def test_a_redirect_naming_the_runners_own_origin_stays_on_the_gateway(gateway: Gateway, kind: str) -> None:
+    # A runner that builds absolute URLs names itself: by its URL, or (Knative) by the Host
+    # the ingress routes on. Neither may reach a browser.
+    origins = [gateway.runner.url]
+    if kind == "knative":
+        origins += [f"http://{KNATIVE_HOST}", f"https://{KNATIVE_HOST}", f"HTTP://{KNATIVE_HOST.upper()}"]
+    for origin in origins:
+        gateway.runner.respond("/ext-ui/a/", 302, [("Location", origin + "/ext-ui/b/h/index.html")])
+        resp = gateway.raw("GET", "/runner/ext-ui/a/h/x.js")
+        assert resp.status == 302 and resp.header("Location") == "/runner/ext-ui/b/h/index.html", origin
+    # Another host's URL is passed as it is (the gateway does not guess).
+    gateway.runner.respond("/ext-ui/a/", 302, [("Location", "http://other.internal/ext-ui/b/h/i.html")])
+    assert gateway.raw("GET", "/runner/ext-ui/a/h/x.js").header("Location") == "http://other.internal/ext-ui/b/h/i.html"
 
 
 def test_a_redirect_into_the_assets_honours_the_mount_point() -> None:
