@@ -209,10 +209,17 @@ def write_queued() -> None:
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """runner_mw's stderr handler: queued access lines go out before any other record."""
+    """runner_mw's stderr handler: queued access lines go out before any other record.
+
+    A fallback: made when the host had no logging, it stands aside once the host sets
+    some up later (``logging.basicConfig()`` after the middleware was made, as waitress's
+    ``serve()`` does), since the record then reaches the host's own handlers too.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         write_queued()
+        if logging.root.handlers and _TOP.propagate:
+            return  # the host's handlers write it: once, in the host's format
         super().emit(record)
 
     def flush(self) -> None:
@@ -284,6 +291,7 @@ class JsonFormatter(logging.Formatter):
 
 
 REDACTOR = Redactor()
+_TOP = logging.getLogger("runner_mw")
 _handler: logging.StreamHandler[Any] | None = None
 _TEXT = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
 _JSON = JsonFormatter()

@@ -249,6 +249,25 @@ def test_a_stderr_handler_only_when_the_host_has_none() -> None:
     assert hosted.stderr.splitlines() == ["HOST runner_mw hello ***"]  # the host's format, once
 
 
+def test_host_logging_set_up_after_the_middleware_gets_each_line_once() -> None:
+    # waitress's serve() calls logging.basicConfig() after the app (and our fallback handler)
+    # was made: from then on the host's handlers write runner_mw's lines, ours stands aside.
+    proc = python(SETUP + f"""
+    import runner_mw.logs as logs
+    setup_logging(config)
+    access = logging.getLogger("runner_mw.access")
+    logging.getLogger("runner_mw").warning("before the host: %s", "{TEST_SERVICE_TOKEN}")
+    logging.basicConfig(level=logging.INFO, format="HOST %(name)s %(message)s")
+    logs.log_checked(access, "request route=asset status=200")
+    logging.getLogger("runner_mw.reload").warning("reload failed: %s", "{TEST_SERVICE_TOKEN}")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert json.loads(lines[0])["message"] == "before the host: ***"  # ours, while alone
+    assert lines[1:] == ["HOST runner_mw.access request route=asset status=200",
+                         "HOST runner_mw.reload reload failed: ***"]  # the host's, once each
+
+
 # --------------------------------------------------------------------------- the suite-wide guard
 
 
