@@ -12,6 +12,12 @@ from typing import Any
 from runner_mw.backends.base import CONTENT_HASH
 
 _OPTIONAL_STR = ("request_id", "install_id", "version_id")
+_U64 = 2**64
+# The runner's serde model (runner_mw.devrunner.checks mirrors it; a test holds this module to
+# it): fields that may be missing but never null, and the nested objects' fields.
+_SECRET_REQUIRED = ("ciphertext_b64",)
+_SECRET_OPTIONAL = ("version", "algorithm", "expires_at", "key_path", "mount")
+_USER_REQUIRED = ("user_id", "user_email", "user_name", "user_type")
 
 
 def _strings(value: Any) -> bool:
@@ -51,8 +57,7 @@ def envelope_problem(env: Any) -> str | None:
         value = ctx.get(key)
         if value is not None and not isinstance(value, str):
             return f"context.{key} must be a string"
-    value = ctx.get("config")
-    if value is not None and not _strings(value):
+    if "config" in ctx and not _strings(ctx["config"]):  # may be left out, never null
         return "context.config must be an object of strings"
     http = env.get("http")
     if not isinstance(http, dict):
@@ -62,8 +67,7 @@ def envelope_problem(env: Any) -> str | None:
         if not isinstance(value, str) or not value:
             return f"http.{key} must be a non-empty string"
     for key in ("query", "headers"):
-        value = http.get(key)
-        if value is not None and not _strings(value):
+        if key in http and not _strings(http[key]):
             return f"http.{key} must be an object of strings"
     value = http.get("body_b64")
     if value is not None and not isinstance(value, str):
@@ -74,19 +78,46 @@ def envelope_problem(env: Any) -> str | None:
             return "limits must be an object"
         for key in ("timeout_ms", "memory_mb", "fuel"):
             value = limits.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                return f"limits.{key} must be a non-negative integer"
-    providers = env.get("providers")
-    if providers is not None:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value < _U64):
+                return f"limits.{key} must be an integer from 0 to 2^64-1"
+    if "providers" in env:  # may be left out, never null
+        providers = env["providers"]
         if not isinstance(providers, list):
             return "providers must be a list of strings"
         for item in providers:
             if not isinstance(item, str):
                 return "providers must be a list of strings"
-    for key in ("secret_envelope", "user"):
-        value = env.get(key)
-        if value is not None and not isinstance(value, dict):
-            return f"{key} must be an object"
+    secret = env.get("secret_envelope")
+    if secret is not None:
+        problem = _object_problem("secret_envelope", secret, _SECRET_REQUIRED, _SECRET_OPTIONAL)
+        if problem:
+            return problem
+    user = env.get("user")
+    if user is not None:
+        problem = _object_problem("user", user, _USER_REQUIRED, ("client_id",))
+        if problem:
+            return problem
+        if "client_name" in user and not isinstance(user["client_name"], str):
+            return "user.client_name must be a string"
+        if "additional_fields" in user and not _strings(user["additional_fields"]):
+            return "user.additional_fields must be an object of strings"
+    return None
+
+
+def _object_problem(name: str, value: Any, required: tuple[str, ...],
+                    optional: tuple[str, ...]) -> str | None:
+    """A nested object's problem: ``required`` string fields present, ``optional`` ones
+    strings or null."""
+    if not isinstance(value, dict):
+        return f"{name} must be an object"
+    for key in required:
+        if not isinstance(value.get(key), str):
+            return f"{name}.{key} must be a string"
+    for key in optional:
+        item = value.get(key)
+        if item is not None and not isinstance(item, str):
+            return f"{name}.{key} must be a string"
     return None
 
 
