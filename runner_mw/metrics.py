@@ -8,8 +8,10 @@ temporary folder in ``PROMETHEUS_MULTIPROC_DIR``, removed at exit) and
 every worker then answers with the totals of all of them. An operator's own
 ``PROMETHEUS_MULTIPROC_DIR`` is used as is (and never removed).
 
-Metrics (all prefixed ``runner_mw_``): ``requests_total{route,backend,status}``,
-``upstream_seconds{route,backend}`` (histogram), ``reloads_total{result}`` (swaps per
+Metrics (all prefixed ``runner_mw_``): ``requests_total{route,backend,status}`` (route
+``asset``, ``execute``, or ``gateway`` for the gateway's own ``/runner/-/`` endpoints),
+``upstream_seconds{route,backend}`` (histogram of the asset and execute routes: the gateway's
+own endpoints call no runner), ``reloads_total{result}`` (swaps per
 process: under gunicorn one HUP counts once per worker), ``config_generation`` and
 ``inflight_requests``. Recording a metric never fails a request.
 
@@ -50,6 +52,17 @@ except ImportError:  # the extra is not installed: metrics are simply off
     prom = None  # type: ignore[assignment]
 
 AVAILABLE = prom is not None
+#: Why metrics are off although the config turns them on (logged once, and the 404's detail).
+MISSING = "prometheus-client is not installed: pip install 'runner_mw[metrics]'"
+_warned = False
+
+
+def warn_if_missing(enabled: bool) -> None:
+    """Log once per process that ``metrics.enabled`` cannot be honoured (a plain install)."""
+    global _warned
+    if enabled and not AVAILABLE and not _warned:
+        _warned = True
+        log.warning("runner_mw: metrics.enabled is true but %s; /runner/-/metrics answers 404", MISSING)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Marks a folder made by setup_multiprocess: "<pid of the master that made it>:<path>". A
 # re-executed master (USR2) inherits both variables but not the folder's lifetime.
@@ -134,7 +147,8 @@ class _Metrics:
             for _ in range(len(pending.finished)):
                 route, backend, status, took = pending.finished.popleft()
                 counts[(route, backend, status)] = counts.get((route, backend, status), 0) + 1
-                timed.setdefault((route, backend), []).append(took)
+                if route != LOCAL_ROUTE:
+                    timed.setdefault((route, backend), []).append(took)
                 ended += 1
             began = len(pending.started)
             for _ in range(began):
@@ -247,6 +261,10 @@ def started() -> None:
             _safely(m.start_flusher)
 
 
+#: The route label of the gateway's own endpoints (healthz, status, metrics): counted, not timed.
+LOCAL_ROUTE = "gateway"
+
+
 def finished(route: str, backend: str, status: int, seconds: float) -> None:
     """A request that ``started`` ended: counted in ``requests_total`` and timed."""
     m = metrics()
@@ -275,7 +293,8 @@ def reloaded(ok: bool, generation: int) -> None:
 def render(start_response: StartResponse, snap: Any, rid: str) -> tuple[int, list[bytes]]:
     """The metrics page, or 404 when metrics are off or unavailable."""
     if not (AVAILABLE and snap.config.metrics_enabled):
-        return 404, error(start_response, 404, "not_found", rid, detail="metrics are not enabled")
+        detail = "metrics are not enabled" if AVAILABLE else MISSING
+        return 404, error(start_response, 404, "not_found", rid, detail=detail)
     assert prom is not None
     m = metrics()  # make sure this process's series exist even before its first request
     if m is not None:

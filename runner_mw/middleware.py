@@ -81,6 +81,7 @@ class RunnerMiddleware:
             path = os.fspath(config)
             cfg = _reload.initial_config(path)
         setup_logging(cfg)
+        metrics.warn_if_missing(cfg.metrics_enabled)
         self.store = SnapshotStore(cfg, path=path)
         self._health = HealthCache()
         self._ui_urls: dict[str, Callable[..., str]] = {}
@@ -112,7 +113,9 @@ class RunnerMiddleware:
         rid = request_id(environ)
         snap = self.store.current
         snap.enter()
-        route = "execute" if path == EXECUTE_PATH else "asset"
+        route = ("execute" if path == EXECUTE_PATH
+                 else metrics.LOCAL_ROUTE if path[:9] == "/runner/-" and (len(path) == 9 or path[9] == "/")
+                 else "asset")  # the label of metrics and access lines
         finished = False
         measure = snap.config.metrics_enabled and metrics.AVAILABLE
         if measure:

@@ -80,6 +80,15 @@ def test_counters_and_histogram_move_with_requests() -> None:
         assert (value(after, "runner_mw_requests_total", route="asset", status="200", backend="main")
                 - value(before, "runner_mw_requests_total", route="asset", status="200", backend="main")) >= 1
         assert value(after, "runner_mw_config_generation") >= 1
+        # The gateway's own endpoints: their own route label, counted but not timed.
+        for _ in range(3):
+            assert gw.get("/runner/-/healthz").status_code == 200
+        last = scrape(gw.url)
+        assert (value(last, "runner_mw_requests_total", route="asset")
+                == value(after, "runner_mw_requests_total", route="asset"))
+        assert (value(last, "runner_mw_requests_total", route="gateway", status="200")
+                - value(after, "runner_mw_requests_total", route="gateway", status="200")) == 4  # +1 scrape
+        assert value(last, "runner_mw_upstream_seconds_count", route="gateway") == 0
 
 
 def test_inflight_counts_what_is_in_flight() -> None:
@@ -109,6 +118,30 @@ def test_disabled_metrics_are_404_and_do_not_count() -> None:
         assert resp.status_code == 404
         assert resp.json()["error"] == "not_found" and resp.headers["X-Request-Id"]
         assert count() == before
+
+
+def test_without_prometheus_client_metrics_are_off_and_it_says_why(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import json, sys
+        sys.modules["prometheus_client"] = None  # as in a plain `pip install runner_mw`
+        import logging
+        from runner_mw import RunnerMiddleware
+        cfg = {"version": 1, "backend": "d", "backends": {"d": {"kind": "docker",
+               "url": "http://127.0.0.1:9"}}, "metrics": {"enabled": True}}
+        mw = RunnerMiddleware(lambda e, s: [b""], cfg, reload_signal=False)
+        RunnerMiddleware(lambda e, s: [b""], cfg, reload_signal=False)  # warned once per process
+        out = {}
+        body = b"".join(mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/runner/-/metrics",
+                            "REMOTE_ADDR": "127.0.0.1"}, lambda s, h, e=None: out.update(s=s)))
+        print(json.dumps({"status": out["s"], "body": json.loads(body)}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
+                          env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"].startswith("404") and "runner_mw[metrics]" in out["body"]["detail"]
+    warnings = [line for line in proc.stderr.splitlines() if "prometheus-client is not installed" in line]
+    assert len(warnings) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("access", [
