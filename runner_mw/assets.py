@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from runner_mw.backends.base import AssetResponse
 from runner_mw.errors import UpstreamError
@@ -115,24 +116,42 @@ def handle_asset(
 
 def _origins(active: Any) -> tuple[str, ...]:
     """The runner's own origins, as a Location may name them: its URL, and with a ``host``
-    (Knative's ingress routes on it) that host over http and https."""
+    (Knative's ingress routes on it) that host over http and https, with or without the
+    default port."""
     if not active.host:
         return (active.url,)
-    return (active.url, f"http://{active.host}", f"https://{active.host}")
+    host = active.host
+    return (active.url, f"http://{host}", f"https://{host}", f"http://{host}:80", f"https://{host}:443")
 
 
 def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...],
               origins: tuple[str, ...]) -> tuple[str, str]:
-    """A redirect to ``/ext-ui/...`` on the runner becomes ``/runner/ext-ui/...`` here (also
-    when the runner names one of its own origins, which must not reach browsers)."""
+    """A redirect to one of the runner's assets (``/ext-ui/...``, relative or on one of its
+    own origins) becomes ``/runner/ext-ui/...`` here; any other Location is passed as the
+    runner sent it (never re-pointed at the host app's origin)."""
     if name.lower() != "location":
         return name, value
+    path = value
     for origin in origins:
         if value[:len(origin) + 1].lower() == origin.lower() + "/":
-            value = value[len(origin):]
+            path = value[len(origin):]
             break
-    if not value.startswith("/") or value.startswith("//"):
-        return name, value
-    if any(value[1:].startswith(p) for p in prefixes):
-        return name, environ.get("SCRIPT_NAME", "").rstrip("/") + "/runner" + value
+    if _asset_path(path, prefixes):
+        return name, environ.get("SCRIPT_NAME", "").rstrip("/") + "/runner" + path
     return name, value
+
+
+def _asset_path(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a plain path under an asset prefix: starts ``/<prefix>``, no
+    backslash, and no dot segment (literal or percent-encoded: browsers resolve ``%2e``),
+    so that the rewritten URL cannot leave ``/runner/``."""
+    if not (path.startswith("/") and path[1:].startswith(prefixes)):
+        return False
+    target = path.split("?", 1)[0].split("#", 1)[0]
+    if "\\" in target:
+        return False
+    for segment in target.split("/"):
+        plain = unquote(segment)
+        if plain in (".", "..") or "\\" in plain:
+            return False
+    return True

@@ -171,9 +171,21 @@ def test_a_redirect_naming_the_runners_own_origin_stays_on_the_gateway(gateway: 
         gateway.runner.respond("/ext-ui/a/", 302, [("Location", origin + "/ext-ui/b/h/index.html")])
         resp = gateway.raw("GET", "/runner/ext-ui/a/h/x.js")
         assert resp.status == 302 and resp.header("Location") == "/runner/ext-ui/b/h/index.html", origin
-    # Another host's URL is passed as it is (the gateway does not guess).
-    gateway.runner.respond("/ext-ui/a/", 302, [("Location", "http://other.internal/ext-ui/b/h/i.html")])
-    assert gateway.raw("GET", "/runner/ext-ui/a/h/x.js").header("Location") == "http://other.internal/ext-ui/b/h/i.html"
+    if kind == "knative":
+        origins.append(f"https://{KNATIVE_HOST}:443")
+        gateway.runner.respond("/ext-ui/a/", 302, [("Location", origins[-1] + "/ext-ui/b/h/index.html")])
+        resp = gateway.raw("GET", "/runner/ext-ui/a/h/x.js")
+        assert resp.header("Location") == "/runner/ext-ui/b/h/index.html"
+    # Anything but a plain asset path is passed as the runner sent it: never re-pointed at the
+    # host app's origin, and never cut down to a link that leaves /runner/ or the site.
+    for origin in origins:
+        for tail in ("/admin", "//evil.example/x", "/\\evil.example/", "/ext-ui/%2e%2e/%2E./x",
+                     "/ext-ui/../../x", "/ext-ui/a/%5c..%5cx"):
+            gateway.runner.respond("/ext-ui/a/", 302, [("Location", origin + tail)])
+            assert gateway.raw("GET", "/runner/ext-ui/a/h/x.js").header("Location") == origin + tail
+    for location in ("http://other.internal/ext-ui/b/h/i.html", "/ext-ui/../../x", "/\\evil.example/"):
+        gateway.runner.respond("/ext-ui/a/", 302, [("Location", location)])
+        assert gateway.raw("GET", "/runner/ext-ui/a/h/x.js").header("Location") == location
 
 
 def test_a_redirect_into_the_assets_honours_the_mount_point() -> None:
