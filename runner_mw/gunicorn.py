@@ -53,7 +53,7 @@ from runner_mw import metrics
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import config_dir, config_from_mapping, load_config
-from runner_mw.snapshot import changed_keys
+from runner_mw.snapshot import changes
 
 __all__ = ["child_exit", "on_exit", "on_starting", "post_worker_init"]
 
@@ -236,7 +236,7 @@ class _Master:
                                  "changed=- (the last good file again)",
                                  self.generation, config.backend, config.sha256[:12])
             return
-        changed = changed_keys(self.good.data, config.data)  # names only: safe for secrets
+        changed = changes(self.good, config)  # names only: safe for secrets
         self._publish(config, self.generation + 1, ok=True, error=None)
         self.server.log.info("runner_mw reload result=ok generation=%d backend=%s sha256=%s changed=%s",
                              self.generation, config.backend, config.sha256[:12],

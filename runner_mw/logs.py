@@ -218,13 +218,21 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         write_queued()
-        if logging.root.handlers and _TOP.propagate:
+        if _TOP.propagate and _host_writes(record):
             return  # the host's handlers write it: once, in the host's format
         super().emit(record)
 
     def flush(self) -> None:
         write_queued()
         super().flush()
+
+
+def _host_writes(record: logging.LogRecord) -> bool:
+    """Whether one of the root logger's handlers will write ``record`` (by level; a
+    NullHandler writes nothing): a host whose handlers take only warnings still gets
+    runner_mw's INFO lines from our handler."""
+    return any(record.levelno >= h.level and not isinstance(h, logging.NullHandler)
+               for h in logging.root.handlers)
 
 
 def _forked() -> None:

@@ -58,7 +58,7 @@ _warned = False
 
 
 def warn_if_missing(enabled: bool) -> None:
-    """Log once per process that ``metrics.enabled`` cannot be honoured (a plain install)."""
+    """Log once per process that an explicit ``metrics.enabled: true`` cannot be honoured."""
     global _warned
     if enabled and not AVAILABLE and not _warned:
         _warned = True

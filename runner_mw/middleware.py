@@ -81,7 +81,8 @@ class RunnerMiddleware:
             path = os.fspath(config)
             cfg = _reload.initial_config(path)
         setup_logging(cfg)
-        metrics.warn_if_missing(cfg.metrics_enabled)
+        # Said only when the file asks for metrics: the default is "on if installed".
+        metrics.warn_if_missing(cfg.data.get("metrics", {}).get("enabled") is True)
         self.store = SnapshotStore(cfg, path=path)
         self._health = HealthCache()
         self._ui_urls: dict[str, Callable[..., str]] = {}

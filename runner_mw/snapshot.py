@@ -143,7 +143,7 @@ class SnapshotStore:
             new_gen = generation if generation is not None else old.generation + 1
             snapshot = Snapshot(config, backend, new_gen)
             self.current = snapshot  # one attribute store: atomic for readers
-            changed = tuple(changed_keys(old.config.data, config.data))
+            changed = changes(old.config, config)
             outcome = ReloadOutcome(ok=True, at=snapshot.loaded_at, generation=new_gen, changed=changed)
             self.last_reload = outcome
         grace = (old.config.active.timeouts.connect_ms + old.config.active.timeouts.read_ms) / 1000 + 5
@@ -176,6 +176,18 @@ class SnapshotStore:
         log.error("reload result=failed generation=%d kept=%s error=%s", self.current.generation,
                   self.current.config.backend, error.replace("\n", " | "))
         return outcome
+
+
+#: What ``changed`` says when the digest moved but no setting did: a comment in the YAML, a
+#: rotated CA bundle, a secret file rewritten with the same text (the digest covers them).
+NO_SETTING = "(no setting: the text of the file or of a file it names)"
+
+
+def changes(old: Config, new: Config) -> tuple[str, ...]:
+    """The dotted keys that differ between two configs, or ``NO_SETTING`` (names only: safe
+    to log even for secrets)."""
+    keys = changed_keys(old.data, new.data)
+    return tuple(keys) if keys or old.sha256 == new.sha256 else (NO_SETTING,)
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -268,6 +268,24 @@ def test_host_logging_set_up_after_the_middleware_gets_each_line_once() -> None:
                          "HOST runner_mw.reload reload failed: ***"]  # the host's, once each
 
 
+@pytest.mark.parametrize("host", ["logging.root.addHandler(logging.NullHandler())",
+                                  "h = logging.StreamHandler(); h.setLevel(logging.WARNING); "
+                                  "h.setFormatter(logging.Formatter('HOST %(name)s %(message)s')); "
+                                  "logging.root.addHandler(h)"],
+                         ids=["null-handler", "warnings-only"])
+def test_host_handlers_that_do_not_write_info_lines_lose_none_of_ours(host: str) -> None:
+    proc = python(SETUP + f"""
+    import runner_mw.logs as logs
+    setup_logging(config)
+    {host}
+    logs.log_checked(logging.getLogger("runner_mw.access"), "request route=asset status=200")
+    logging.getLogger("runner_mw.reload").info("reload result=ok generation=2")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    messages = [json.loads(line)["message"] for line in proc.stderr.splitlines()]
+    assert messages == ["request route=asset status=200", "reload result=ok generation=2"]
+
+
 # --------------------------------------------------------------------------- the suite-wide guard
 
 

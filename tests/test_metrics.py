@@ -128,6 +128,9 @@ def test_without_prometheus_client_metrics_are_off_and_it_says_why(tmp_path: Pat
         from runner_mw import RunnerMiddleware
         cfg = {"version": 1, "backend": "d", "backends": {"d": {"kind": "docker",
                "url": "http://127.0.0.1:9"}}, "metrics": {"enabled": True}}
+        quiet = dict(cfg, metrics={})  # the default, "on if installed": nothing to warn about
+        RunnerMiddleware(lambda e, s: [b""], quiet, reload_signal=False)
+        print("-- explicit --", file=sys.stderr, flush=True)
         mw = RunnerMiddleware(lambda e, s: [b""], cfg, reload_signal=False)
         RunnerMiddleware(lambda e, s: [b""], cfg, reload_signal=False)  # warned once per process
         out = {}
@@ -140,7 +143,9 @@ def test_without_prometheus_client_metrics_are_off_and_it_says_why(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["status"].startswith("404") and "runner_mw[metrics]" in out["body"]["detail"]
-    warnings = [line for line in proc.stderr.splitlines() if "prometheus-client is not installed" in line]
+    default, explicit = proc.stderr.split("-- explicit --")
+    assert "prometheus-client is not installed" not in default, proc.stderr
+    warnings = [line for line in explicit.splitlines() if "prometheus-client is not installed" in line]
     assert len(warnings) == 1, proc.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from runner_mw.config import Config
 from runner_mw.loader import config_from_mapping
-from runner_mw.snapshot import Snapshot, SnapshotStore, changed_keys
+from runner_mw.snapshot import NO_SETTING, Snapshot, SnapshotStore, changed_keys
 
 T = 10.0  # seconds: generous deadlines for a busy machine
 
@@ -246,3 +246,8 @@ def test_a_rotated_secret_file_is_a_change_and_the_same_file_again_is_not(
     outcome = store.reload()
     assert outcome.ok and outcome.generation == 2 and store.current is not snap
     assert store.current.config.active.service_token == "new-service-token-0002"
+    assert outcome.changed == ("backends.a.service_token (secret)",)
+    # The same text without its newline: the bytes moved, no setting did; it says so.
+    token.write_text("new-service-token-0002", encoding="utf-8")
+    outcome = store.reload()
+    assert outcome.ok and outcome.generation == 3 and outcome.changed == (NO_SETTING,)
