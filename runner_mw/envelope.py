@@ -121,6 +121,30 @@ def _object_problem(name: str, value: Any, required: tuple[str, ...],
     return None
 
 
+#: The parts of an envelope the runner reads (the rest it ignores, and gets unchanged).
+MODELED = ("context", "http", "limits", "secret_envelope", "user", "providers")
+
+
+def unicode_problem(env: dict[str, Any]) -> str | None:
+    """A part the runner reads that holds a lone surrogate (``"\\ud800"`` is valid JSON,
+    but the runner's parser refuses it in a string: a 422 the gateway could only call a
+    502), or None. Use it where the fast encoder refused the envelope, not on every request."""
+    for part in MODELED:
+        if part in env and not _unicode(env[part]):
+            return f"{part} holds a string that is not valid Unicode (a lone surrogate escape)"
+    return None
+
+
+def _unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.isascii() or not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
+
+
 def timeout_budget_ms(read_ms: int) -> int:
     """The ``limits.timeout_ms`` the runner is told: a margin below the gateway's deadline,
     so that the runner's own timeout answers (in-band) before the gateway gives up."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from runner_mw import access as acc
-from runner_mw.envelope import envelope_problem, prepare
+from runner_mw.envelope import envelope_problem, prepare, unicode_problem
 from runner_mw.errors import UpstreamError
 from runner_mw.headers import EXECUTE_REQUEST_ALLOW, SERVICE_TOKEN, request_headers
 from runner_mw.responses import error, status_line
@@ -150,7 +150,13 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
     if active.service_token:
         headers[SERVICE_TOKEN] = active.service_token
     envelope = prepare(envelope, rid, active.timeouts.read_ms)
-    return compact_json(envelope), headers
+    try:
+        return orjson.dumps(envelope), headers
+    except TypeError:  # orjson.JSONEncodeError is one: beyond 64 bits, or a lone surrogate
+        problem = unicode_problem(envelope)
+        if problem:
+            raise _Refused(400, "invalid_request", problem) from None
+        return compact_json(envelope), headers
 
 
 def read_body(environ: Mapping[str, Any], limit: int) -> bytes:

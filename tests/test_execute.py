@@ -89,6 +89,27 @@ def test_every_json_value_reaches_the_runner_unchanged(gateway: Gateway) -> None
     assert sent_envelope(gateway)["extra"] == {"text": "café"}
 
 
+@pytest.mark.parametrize("where", ["path", "header-value", "header-name", "config", "provider"])
+def test_a_lone_surrogate_where_the_runner_reads_a_string_is_a_400(gateway: Gateway, where: str) -> None:
+    # Valid JSON, but the runner's parser refuses it in a string (a 422 the gateway could only
+    # call a 502); in a key the runner ignores it passes unchanged (above).
+    env = envelope()
+    if where == "path":
+        env["http"]["path"] = "/\ud800"
+    elif where == "header-value":
+        env["http"]["headers"] = {"x-a": "\udc00"}
+    elif where == "header-name":
+        env["http"]["headers"] = {"x-\ud800": "a"}
+    elif where == "config":
+        env["context"]["config"] = {"k": "ok \udfff"}
+    else:
+        env["providers"] = ["a", "\ud801"]
+    resp = gateway.execute(env)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "invalid_request" and "lone surrogate" in resp.json()["detail"]
+    assert gateway.runner.received == []
+
+
 def test_the_query_of_execute_is_not_forwarded(gateway: Gateway) -> None:
     assert gateway.execute(params={"debug": "1"}).status_code == 200
     assert gateway.runner.received[0].raw_path == "/v1/execute"
