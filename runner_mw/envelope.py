@@ -121,28 +121,41 @@ def _object_problem(name: str, value: Any, required: tuple[str, ...],
     return None
 
 
-#: The parts of an envelope the runner reads (the rest it ignores, and gets unchanged).
-MODELED = ("context", "http", "limits", "secret_envelope", "user", "providers")
+#: The fields the runner reads as text: (part, field, kind), kind "s" a string, "m" a map of
+#: strings (keys and values), "l" a list of strings. Other keys it ignores (they pass as sent).
+_TEXT_FIELDS = (
+    *(("context", f, "s") for f in ("request_id", "tenant_id", "extension_id", "install_id",
+                                    "content_hash", "version_id")),
+    ("context", "config", "m"),
+    *(("http", f, "s") for f in ("method", "path", "body_b64")),
+    ("http", "query", "m"), ("http", "headers", "m"),
+    *(("secret_envelope", f, "s") for f in ("ciphertext_b64", *_SECRET_OPTIONAL)),
+    *(("user", f, "s") for f in (*_USER_REQUIRED, "client_name", "client_id")),
+    ("user", "additional_fields", "m"),
+)
 
 
 def unicode_problem(env: dict[str, Any]) -> str | None:
-    """A part the runner reads that holds a lone surrogate (``"\\ud800"`` is valid JSON,
-    but the runner's parser refuses it in a string: a 422 the gateway could only call a
-    502), or None. Use it where the fast encoder refused the envelope, not on every request."""
-    for part in MODELED:
-        if part in env and not _unicode(env[part]):
-            return f"{part} holds a string that is not valid Unicode (a lone surrogate escape)"
+    """A field the runner reads as text that holds a lone surrogate (``"\\ud800"`` is valid
+    JSON, but the runner's parser refuses it in a string: a 422 the gateway could only call
+    a 502), or None. Use it where the fast encoder refused the envelope, not on every request;
+    call it after ``envelope_problem`` (the shapes are known)."""
+    for part, field, kind in _TEXT_FIELDS:
+        obj = env.get(part)
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if value is None:
+            continue
+        texts = [*value, *value.values()] if kind == "m" else [value] if kind == "s" else []
+        if not all(_unicode(t) for t in texts):
+            return f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
+    providers = env.get("providers")
+    if isinstance(providers, list) and not all(_unicode(p) for p in providers):
+        return "providers holds text that is not valid Unicode (a lone surrogate escape)"
     return None
 
 
-def _unicode(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.isascii() or not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
-    if isinstance(value, dict):
-        return all(_unicode(k) and _unicode(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_unicode(v) for v in value)
-    return True
+def _unicode(text: Any) -> bool:
+    return not isinstance(text, str) or text.isascii() or not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def timeout_budget_ms(read_ms: int) -> int:

@@ -228,10 +228,11 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def _host_writes(record: logging.LogRecord) -> bool:
-    """Whether one of the root logger's handlers will write ``record`` (by level; a
-    NullHandler writes nothing): a host whose handlers take only warnings still gets
-    runner_mw's INFO lines from our handler."""
-    return any(record.levelno >= h.level and not isinstance(h, logging.NullHandler)
+    """Whether one of the root logger's handlers will write ``record``: its level and its
+    filters let it through (a NullHandler writes nothing). A host whose handlers take only
+    warnings, or only its own loggers, still gets runner_mw's INFO lines from our handler.
+    (The host handler's filters see the record once more when it handles it.)"""
+    return any(record.levelno >= h.level and not isinstance(h, logging.NullHandler) and h.filter(record)
                for h in logging.root.handlers)
 
 

@@ -180,7 +180,8 @@ class SnapshotStore:
 
 #: What ``changed`` says when the digest moved but no setting did: a comment in the YAML, a
 #: rotated CA bundle, a secret file rewritten with the same text (the digest covers them).
-NO_SETTING = "(no setting: the text of the file or of a file it names)"
+#: One word: it goes into ``changed=...`` of a key=value log line.
+NO_SETTING = "file-contents-only"
 
 
 def changes(old: Config, new: Config) -> tuple[str, ...]:

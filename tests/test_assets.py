@@ -180,7 +180,7 @@ def test_a_redirect_naming_the_runners_own_origin_stays_on_the_gateway(gateway: 
     # host app's origin, and never cut down to a link that leaves /runner/ or the site.
     for origin in origins:
         for tail in ("/admin", "//evil.example/x", "/\\evil.example/", "/ext-ui/%2e%2e/%2E./x",
-                     "/ext-ui/../../x", "/ext-ui/a/%5c..%5cx"):
+                     "/ext-ui/../../x", "/ext-ui/a/%5c..%5cx", "/ext-ui/.\t./.\t./x"):
             gateway.runner.respond("/ext-ui/a/", 302, [("Location", origin + tail)])
             assert gateway.raw("GET", "/runner/ext-ui/a/h/x.js").header("Location") == origin + tail
     for location in ("http://other.internal/ext-ui/b/h/i.html", "/ext-ui/../../x", "/\\evil.example/"):

@@ -110,6 +110,21 @@ def test_a_lone_surrogate_where_the_runner_reads_a_string_is_a_400(gateway: Gate
     assert gateway.runner.received == []
 
 
+def test_lone_surrogates_and_deep_nesting_the_runner_ignores_pass_unchanged(gateway: Gateway) -> None:
+    # orjson refuses both (the slow path): neither is a field the runner reads as text.
+    deep: Any = "end"
+    for _ in range(450):
+        deep = [deep]
+    env = envelope()
+    env["context"]["extra"] = "\ud800"
+    env["http"]["x\ud800"] = "a"
+    env["context"]["nested"] = deep
+    resp = gateway.execute(env)
+    assert resp.status_code == 200, resp.text
+    sent = sent_envelope(gateway)
+    assert sent["context"]["extra"] == "\ud800" and sent["http"]["x\ud800"] == "a"
+
+
 def test_the_query_of_execute_is_not_forwarded(gateway: Gateway) -> None:
     assert gateway.execute(params={"debug": "1"}).status_code == 200
     assert gateway.runner.received[0].raw_path == "/v1/execute"

@@ -271,8 +271,10 @@ def test_host_logging_set_up_after_the_middleware_gets_each_line_once() -> None:
 @pytest.mark.parametrize("host", ["logging.root.addHandler(logging.NullHandler())",
                                   "h = logging.StreamHandler(); h.setLevel(logging.WARNING); "
                                   "h.setFormatter(logging.Formatter('HOST %(name)s %(message)s')); "
+                                  "logging.root.addHandler(h)",
+                                  "h = logging.StreamHandler(); h.addFilter(logging.Filter('myapp')); "
                                   "logging.root.addHandler(h)"],
-                         ids=["null-handler", "warnings-only"])
+                         ids=["null-handler", "warnings-only", "host-loggers-only"])
 def test_host_handlers_that_do_not_write_info_lines_lose_none_of_ours(host: str) -> None:
     proc = python(SETUP + f"""
     import runner_mw.logs as logs
