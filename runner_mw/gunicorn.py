@@ -128,6 +128,9 @@ def on_starting(server: Any) -> None:
     # The Arbiter dispatches a queued signal as getattr(self, "handle_" + name)(): an instance
     # attribute replaces the method that would restart every worker.
     server.handle_hup = master.handle_hup
+    # And a worker ignores HUP from its init_signals on, not only from post_worker_init: a HUP
+    # sent to the process group while it imports the app would kill it (SIG_DFL until then).
+    server.worker_class = _ignoring_hup(server.worker_class)
 
 
 def post_worker_init(worker: Any) -> None:
@@ -167,6 +170,22 @@ def on_exit(server: Any) -> None:
     if _state_file is not None and os.getpid() == _master_pid:
         shutil.rmtree(os.path.dirname(_state_file), ignore_errors=True)
     metrics.cleanup_multiprocess()  # a no-op unless setup_multiprocess made the folder here
+
+
+def _ignoring_hup(worker_class: Any) -> Any:
+    """``worker_class`` whose ``init_signals`` also ignores HUP (made once per class)."""
+    if getattr(worker_class, "_runner_mw_ignores_hup", False):
+        return worker_class
+
+    class Worker(worker_class):  # type: ignore[misc]
+        _runner_mw_ignores_hup = True
+
+        def init_signals(self) -> None:
+            super().init_signals()
+            signal.signal(signal.SIGHUP, _ignore_hup)
+
+    Worker.__name__ = Worker.__qualname__ = worker_class.__name__
+    return Worker
 
 
 def _ignore_hup(signum: int, frame: Any) -> None:

@@ -36,8 +36,10 @@ HOST = "127.0.0.1"
 # The app gunicorn loads: a plain WSGI app wrapped in the middleware, reading $RUNNER_MW_CONFIG.
 # It also tells where it was imported and which threads existed then (preload_app checks).
 APP_MODULE = """\
-import json, os, threading
+import json, os, threading, time
 from runner_mw import RunnerMiddleware
+
+time.sleep(float(os.environ.get("RUNNER_MW_TEST_IMPORT_DELAY", "0")))  # a slow app import
 
 IMPORTED_IN = os.getpid()
 
@@ -310,6 +312,34 @@ def test_a_rotated_secret_file_and_a_hup_reach_every_worker(
         sent = {r.headers.get("x-runner-service-token") for r in runner.received[seen:]}
         assert sent == {"second-service-token-002"}
     assert "second-service-token-002" not in server.text()  # logs never show it
+
+
+def _signals_set_up(pid: int) -> bool:
+    """Whether a worker's init_signals has run: it catches SIGABRT (the master does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGABRT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/PID/status (Linux)")
+def test_a_hup_to_the_process_group_while_workers_import_the_app_kills_none(
+        tmp_path: Path, config_file: Path) -> None:
+    server = Gunicorn(tmp_path, config_file)
+    server.env["RUNNER_MW_TEST_IMPORT_DELAY"] = "3"
+    server.start()
+    try:
+        booting = wait_until(lambda: server.workers() if len(server.workers()) == 2 else None,
+                             what="two workers forked")
+        wait_until(lambda: all(_signals_set_up(pid) for pid in booting), what="workers' signals set up")
+        os.killpg(server.pid, signal.SIGHUP)  # while both still import the app (3 s)
+        server.ready()
+        assert server.workers() == booting, server.text()[-2000:]
+        assert not log_lines(server, "was sent SIGHUP")
+    finally:
+        server.stop()
 
 
 def test_a_burst_of_100_hups_ends_on_the_last_file(
