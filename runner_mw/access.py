@@ -31,14 +31,21 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def client_address(environ: Mapping[str, Any], access: Access) -> IPAddress | None:
     """The client's address: the peer, or the right-most X-Forwarded-For hop that is not
-    a trusted proxy when (and only when) the peer is one."""
+    a trusted proxy when (and only when) the peer is one; None when unknown (a trusted
+    proxy that sent no X-Forwarded-For, a garbled chain, no usable peer address)."""
     addr = _parse_ip(environ.get("REMOTE_ADDR", ""))
     if addr is None:
         return None  # a unix socket or an unknown peer: never in a network
     if not access.trusted_proxies or not _in(addr, access.trusted_proxies):
         return addr
     forwarded = ",".join(v for k, v in environ.items() if k == "HTTP_X_FORWARDED_FOR")
-    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    if not hops:
+        # A trusted proxy that names no client (nginx's plain proxy_pass sends no
+        # X-Forwarded-For; RFC 7239 Forwarded is not read): the client is unknown, not the
+        # proxy, whose loopback address would open /v1/execute to everyone behind it.
+        return None
+    for hop in reversed(hops):
         try:
             addr = ipaddress.ip_address(hop)
         except ValueError:
