@@ -127,6 +127,10 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             envelope = execute_hook(environ, envelope)
         except PermissionError:
             raise _Refused(403, "forbidden") from None
+        if not isinstance(envelope, dict):
+            # The host's bug (a hook that edits in place and forgets to return), not the
+            # client's: a logged 500, as when the hook raises.
+            raise TypeError(f"execute_hook returned {type(envelope).__name__}, not the envelope")
     problem = envelope_problem(envelope)
     if problem:
         raise _Refused(400, "invalid_request", problem)

@@ -537,10 +537,13 @@ def test_execute_hook_binds_the_envelope_to_the_caller(kind: str) -> None:
 
 
 def test_a_hook_may_break_the_envelope_or_fail_without_leaking(kind: str) -> None:
-    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+    def hook(environ: Any, env: dict[str, Any]) -> Any:
         if environ.get("HTTP_X_MODE") == "break":
             del env["context"]
             return env
+        if environ.get("HTTP_X_MODE") == "forget":
+            env["context"]["tenant_id"] = "bound"  # edited in place, nothing returned: the host's bug
+            return None
         raise RuntimeError("hook exploded with secret detail /etc/shadow")
 
     with running_gateway(kind, execute_hook=hook) as gw:
@@ -549,6 +552,8 @@ def test_a_hook_may_break_the_envelope_or_fail_without_leaking(kind: str) -> Non
         failed = gw.execute()
         assert_gateway_error(failed, 500, "internal_error")
         assert "shadow" not in failed.text
+        forgot = gw.execute(headers={"X-Mode": "forget"})  # not the client's fault: no 400
+        assert_gateway_error(forgot, 500, "internal_error")
         assert gw.runner.received == []
 
 
