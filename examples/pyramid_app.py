@@ -36,4 +36,12 @@ def main(global_config: Any = None, **settings: Any) -> Any:
         return config.make_wsgi_app()
 
 
-application = RunnerMiddleware(main(), CONFIG, execute_hook=host.bind_to_caller)
+def __getattr__(name: str) -> Any:
+    # ``application`` is built on first use (gunicorn's ``examples.pyramid_app:application``),
+    # not on import: PasteDeploy imports this module only for ``main`` and adds the ini's own
+    # filter; a second, hidden middleware would read another file and answer every SIGHUP.
+    if name == "application":
+        app = RunnerMiddleware(main(), CONFIG, execute_hook=host.bind_to_caller)
+        globals()["application"] = app
+        return app
+    raise AttributeError(name)
