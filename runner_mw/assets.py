@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from runner_mw.backends.base import AssetResponse
+from runner_mw.backends.base import AssetResponse, script_path
 from runner_mw.errors import UpstreamError
 from runner_mw.headers import ASSET_REQUEST_ALLOW, SERVICE_TOKEN, request_headers, response_headers
 from runner_mw.responses import error, status_line
@@ -137,7 +137,7 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
             path = value[len(origin):]
             break
     if _asset_path(path, prefixes):
-        return name, environ.get("SCRIPT_NAME", "").rstrip("/") + "/runner" + path
+        return name, script_path(environ.get("SCRIPT_NAME", "")) + "/runner" + path
     return name, value
 
 

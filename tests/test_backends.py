@@ -421,6 +421,11 @@ def test_ui_url_exact_for_the_sample() -> None:
 
 @pytest.mark.parametrize(("public_base", "script_name", "prefix"), [
     ("/runner", "", "/runner"), ("/runner", "/app", "/app/runner"), ("/runner", "/app/", "/app/runner"),
+    # PEP 3333: a mount at /café arrives as its UTF-8 bytes decoded as latin-1; '#', '?', '%'
+    # and spaces must not end or break the path.
+    ("/runner", "/caf\xc3\xa9", "/caf%C3%A9/runner"), ("/runner", "/a#b?c", "/a%23b%3Fc/runner"),
+    ("/runner", "/50% off", "/50%25%20off/runner"),
+    ("/runner", "/caf\u00e9\u65e5", "/caf%C3%A9%E6%97%A5/runner"),
     ("https://runner.example.com", "/app", "https://runner.example.com"),
     ("https://runner.example.com/pub/", "/app", "https://runner.example.com/pub"),
 ])

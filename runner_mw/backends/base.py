@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 CONTENT_HASH = re.compile(r"[sS][hH][aA]256:[0-9a-fA-F]{64}")
 
 
+def script_path(script_name: str) -> str:
+    """``SCRIPT_NAME`` (PEP 3333: decoded, bytes as latin-1) as the start of a URL path, with
+    no trailing slash: UTF-8 and reserved characters percent-encoded (a mount at ``/café`` or
+    ``/a#b`` must give a URL that leads back to it)."""
+    text = script_name.rstrip("/")
+    try:
+        raw = text.encode("latin-1")  # the server's bytes, as PEP 3333 hands them over
+    except UnicodeEncodeError:  # a framework that decoded them already
+        raw = text.encode("utf-8")
+    return quote(raw, safe="/!$&'()*+,;=:@-._~")
+
+
 @dataclass
 class ExecuteReply:
     """The runner's transport reply to ``/v1/execute`` (already read, size-capped)."""
@@ -105,7 +117,7 @@ class RunnerBackend(abc.ABC):
             raise ValueError("extension_id must not be empty")
         base = self.settings.public_base.rstrip("/")
         if base.startswith("/"):
-            base = script_name.rstrip("/") + base
+            base = script_path(script_name) + base
         params = {"path": path or "/"}
         if tenant:
             params["tenant"] = tenant
