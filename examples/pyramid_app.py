@@ -8,6 +8,7 @@ or through PasteDeploy, where the middleware is a filter of the pipeline (``exam
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,21 @@ def main(global_config: Any = None, **settings: Any) -> Any:
         return config.make_wsgi_app()
 
 
+_build_lock = threading.Lock()
+__all__ = ["application", "index", "main"]  # noqa: F822 - application: built by __getattr__
+
+
 def __getattr__(name: str) -> Any:
     # ``application`` is built on first use (gunicorn's ``examples.pyramid_app:application``),
     # not on import: PasteDeploy imports this module only for ``main`` and adds the ini's own
     # filter; a second, hidden middleware would read another file and answer every SIGHUP.
-    if name == "application":
-        app = RunnerMiddleware(main(), CONFIG, execute_hook=host.bind_to_caller)
-        globals()["application"] = app
-        return app
-    raise AttributeError(name)
+    if name != "application":
+        raise AttributeError(name)
+    with _build_lock:  # once, also when two threads ask at the same moment
+        if "application" not in globals():
+            try:
+                app = RunnerMiddleware(main(), CONFIG, execute_hook=host.bind_to_caller)
+            except AttributeError as exc:  # would read as "no attribute 'application'"
+                raise RuntimeError(f"cannot build the application: {exc}") from exc
+            globals()["application"] = app
+    return globals()["application"]

@@ -52,7 +52,10 @@ def client_address(environ: Mapping[str, Any], access: Access) -> IPAddress | No
             return None  # a garbled chain is not believed at all
         if not _in(addr, access.trusted_proxies):
             return addr
-    return addr
+    # Every hop a trusted proxy: either a request that began on a proxy's own host, or a
+    # client's own X-Forwarded-For passed through by a proxy that does not append to it
+    # (nginx's plain proxy_pass): "127.0.0.1" from anywhere. Not told apart: unknown.
+    return None
 
 
 def check_access(environ: Mapping[str, Any], access: Access, authorize: Authorize | None) -> int:

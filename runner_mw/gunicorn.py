@@ -173,7 +173,8 @@ def on_exit(server: Any) -> None:
 
 
 def _ignoring_hup(worker_class: Any) -> Any:
-    """``worker_class`` whose ``init_signals`` also ignores HUP (made once per class)."""
+    """A subclass of ``worker_class`` whose ``init_signals`` also ignores HUP (a class made
+    here is returned as it is)."""
     if getattr(worker_class, "_runner_mw_ignores_hup", False):
         return worker_class
 

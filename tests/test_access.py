@@ -82,7 +82,9 @@ def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
     ("127.0.0.1", "6.6.6.6, 1.2.3.4", ("127.0.0.1/32",), "1.2.3.4"),  # the left part is the client's claim
     ("127.0.0.1", "1.2.3.4, 10.0.0.2", ("127.0.0.1/32", "10.0.0.0/8"), "1.2.3.4"),
     ("127.0.0.1", "1.2.3.4,10.0.0.2 , 10.0.0.3", ("127.0.0.1/32", "10.0.0.0/8"), "1.2.3.4"),
-    ("127.0.0.1", "10.0.0.5", ("127.0.0.1/32", "10.0.0.0/8"), "10.0.0.5"),  # all trusted: the left-most
+    ("127.0.0.1", "10.0.0.5", ("127.0.0.1/32", "10.0.0.0/8"), None),  # all trusted: unknown
+    ("127.0.0.1", "127.0.0.1", ("127.0.0.1/32",), None),  # a client's own claim, passed through
+    ("::1", "::1, ::1", ("::1/128",), None),
     ("127.0.0.1", "", ("127.0.0.1/32",), None),  # a trusted proxy naming no client: unknown
     ("127.0.0.1", " , ,", ("127.0.0.1/32",), None),
     ("::1", "2001:db8::7", ("::1/128",), "2001:db8::7"),
@@ -93,11 +95,13 @@ def test_client_address(peer: str, xff: str, trusted: tuple[str, ...], expected:
     assert client_address(env(peer, xff), access(trusted=trusted)) == want
 
 
-def test_a_trusted_proxy_that_names_no_client_opens_nothing() -> None:
+def test_a_trusted_proxy_that_names_no_client_or_only_proxies_opens_nothing() -> None:
     # nginx's plain proxy_pass sends no X-Forwarded-For: every request would look like the
     # proxy's loopback address, and the default networks (loopback) would let anyone in.
     rules = access(trusted=("127.0.0.1/32",))
     assert check_access(env("127.0.0.1"), rules, None) == UNAUTHORIZED  # no header at all
+    # A proxy that passes the client's header through unchanged: the client claims loopback.
+    assert check_access(env("127.0.0.1", "127.0.0.1"), rules, None) == UNAUTHORIZED
     environ = env("127.0.0.1", "")
     environ["HTTP_FORWARDED"] = "for=127.0.0.1"  # RFC 7239 is not read: no way around it
     assert check_access(environ, rules, None) == UNAUTHORIZED

@@ -426,6 +426,7 @@ def test_ui_url_exact_for_the_sample() -> None:
     ("/runner", "/caf\xc3\xa9", "/caf%C3%A9/runner"), ("/runner", "/a#b?c", "/a%23b%3Fc/runner"),
     ("/runner", "/50% off", "/50%25%20off/runner"),
     ("/runner", "/caf\u00e9\u65e5", "/caf%C3%A9%E6%97%A5/runner"),
+    ("/runner", "/caf\u00e9", "/caf%C3%A9/runner"),  # decoded text (Flask's script_root)
     ("https://runner.example.com", "/app", "https://runner.example.com"),
     ("https://runner.example.com/pub/", "/app", "https://runner.example.com/pub"),
 ])

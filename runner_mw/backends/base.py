@@ -24,13 +24,15 @@ CONTENT_HASH = re.compile(r"[sS][hH][aA]256:[0-9a-fA-F]{64}")
 
 
 def script_path(script_name: str) -> str:
-    """``SCRIPT_NAME`` (PEP 3333: decoded, bytes as latin-1) as the start of a URL path, with
-    no trailing slash: UTF-8 and reserved characters percent-encoded (a mount at ``/café`` or
-    ``/a#b`` must give a URL that leads back to it)."""
+    """``SCRIPT_NAME`` as the start of a URL path, with no trailing slash, UTF-8 and reserved
+    characters percent-encoded (a mount at ``/café`` or ``/a#b`` must give a URL that leads
+    back to it). Takes the environ's form (PEP 3333: the bytes as latin-1 text) and text a
+    framework decoded already; latin-1 bytes that are not UTF-8 are taken as the latter."""
     text = script_name.rstrip("/")
     try:
         raw = text.encode("latin-1")  # the server's bytes, as PEP 3333 hands them over
-    except UnicodeEncodeError:  # a framework that decoded them already
+        raw.decode("utf-8")
+    except UnicodeError:  # text a framework decoded already (Flask's script_root: "/café")
         raw = text.encode("utf-8")
     return quote(raw, safe="/!$&'()*+,;=:@-._~")
 
