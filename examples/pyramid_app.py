@@ -38,7 +38,6 @@ def main(global_config: Any = None, **settings: Any) -> Any:
 
 
 _build_lock = threading.Lock()
-__all__ = ["application", "index", "main"]  # noqa: F822 - application: built by __getattr__
 
 
 def __getattr__(name: str) -> Any:
