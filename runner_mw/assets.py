@@ -143,14 +143,11 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
 
 def _asset_path(path: str, prefixes: tuple[str, ...]) -> bool:
     """Whether ``path`` is a plain path under an asset prefix: starts ``/<prefix>``, no
-    control character, no backslash, and no dot segment (literal or percent-encoded:
-    browsers resolve ``%2e``),
-    so that the rewritten URL cannot leave ``/runner/``."""
+    control character, no backslash and no dot segment, literal or percent-encoded
+    (browsers resolve ``%2e``), so that the rewritten URL cannot leave ``/runner/``."""
     if not (path.startswith("/") and path[1:].startswith(prefixes)) or not path.isprintable():
         return False  # (browsers delete tabs from URLs: ".\t." would become "..")
     target = path.split("?", 1)[0].split("#", 1)[0]
-    if "\\" in target:
-        return False
     for segment in target.split("/"):
         plain = unquote(segment)
         if plain in (".", "..") or "\\" in plain:

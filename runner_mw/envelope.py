@@ -122,7 +122,7 @@ def _object_problem(name: str, value: Any, required: tuple[str, ...],
 
 
 #: The fields the runner reads as text: (part, field, kind), kind "s" a string, "m" a map of
-#: strings (keys and values), "l" a list of strings. Other keys it ignores (they pass as sent).
+#: strings (keys and values); and ``providers``. Other keys it ignores (they pass as sent).
 _TEXT_FIELDS = (
     *(("context", f, "s") for f in ("request_id", "tenant_id", "extension_id", "install_id",
                                     "content_hash", "version_id")),
@@ -145,7 +145,7 @@ def unicode_problem(env: dict[str, Any]) -> str | None:
         value = obj.get(field) if isinstance(obj, dict) else None
         if value is None:
             continue
-        texts = [*value, *value.values()] if kind == "m" else [value] if kind == "s" else []
+        texts = [*value, *value.values()] if kind == "m" else [value]
         if not all(_unicode(t) for t in texts):
             return f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
     providers = env.get("providers")

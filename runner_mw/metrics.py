@@ -52,6 +52,13 @@ except ImportError:  # the extra is not installed: metrics are simply off
     prom = None  # type: ignore[assignment]
 
 AVAILABLE = prom is not None
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Marks a folder made by setup_multiprocess: "<pid of the master that made it>:<path>". A
+# re-executed master (USR2) inherits both variables but not the folder's lifetime.
+_OWNER_ENV = "RUNNER_MW_METRICS_DIR_OWNER"
+
+log = logging.getLogger("runner_mw")
+
 #: Why metrics are off although the config turns them on (logged once, and the 404's detail).
 MISSING = "prometheus-client is not installed: pip install 'runner_mw[metrics]'"
 _warned = False
@@ -63,12 +70,8 @@ def warn_if_missing(enabled: bool) -> None:
     if enabled and not AVAILABLE and not _warned:
         _warned = True
         log.warning("runner_mw: metrics.enabled is true but %s; /runner/-/metrics answers 404", MISSING)
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Marks a folder made by setup_multiprocess: "<pid of the master that made it>:<path>". A
-# re-executed master (USR2) inherits both variables but not the folder's lifetime.
-_OWNER_ENV = "RUNNER_MW_METRICS_DIR_OWNER"
 
-log = logging.getLogger("runner_mw")
+
 FLUSH_S = 1.0
 
 
