@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from runner_mw.config import Access
 
 Authorize = Callable[[Mapping[str, Any]], bool]
+log = logging.getLogger("runner_mw")
 
 ALLOW = 200
 UNAUTHORIZED = 401  # no usable credentials: the client may retry with a token
@@ -72,11 +74,54 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
         if peer is not None and len(access.peers) < 4096:
             access.peers[peer] = allowed
     if allowed:
+        if peer is not None and not _proxy_warned and _forwarded(environ):
+            _warn_proxy_in_front(peer)
         return ALLOW
     token = bearer_token(environ)
     if token is not None and access.tokens and token_matches(token, access.tokens):
         return ALLOW
     return UNAUTHORIZED
+
+
+# Set once the warning below was logged: once per process is enough to be seen, and
+# a busy proxy would otherwise write it on every request.
+_proxy_warned = False
+
+
+def _forwarded(environ: Mapping[str, Any]) -> bool:
+    return ("HTTP_X_FORWARDED_FOR" in environ or "HTTP_FORWARDED" in environ
+            or "HTTP_X_REAL_IP" in environ)
+
+
+def _warn_proxy_in_front(peer: str) -> None:
+    """The README's loudest warning, at the moment it applies: a peer that ``networks`` lets
+    in forwards requests for others, and nothing says which of them to believe."""
+    global _proxy_warned
+    _proxy_warned = True
+    # The header values are the client's: not logged.
+    log.warning("runner_mw: a request from %s, which access.networks lets in, carried "
+                "X-Forwarded-For, Forwarded or X-Real-IP, and access.trusted_proxies is empty: "
+                "if that peer is a reverse proxy, every client behind it is let in as %s. Set "
+                "access.trusted_proxies to the proxy's address and require tokens (README: "
+                "'Behind a reverse proxy'). Logged once per process.", peer, peer)
+
+
+def config_warnings(access: Access) -> list[str]:
+    """What a valid ``access`` section still gets a warning for (``runner-mw check`` prints
+    them, every load logs them): with ``trusted_proxies`` set, a loopback network in
+    ``networks`` that is not a trusted proxy. Behind a proxy no real client has a loopback
+    address, but one behind a proxy that passes its own ``X-Forwarded-For`` through can
+    claim it (the README asks for a proxy that appends or overwrites the header)."""
+    if not access.trusted_proxies:
+        return []
+    return [
+        f"access.networks: {net} is loopback but not a trusted proxy: a client behind a proxy "
+        "that passes X-Forwarded-For through could claim it; remove it, or make sure the "
+        "proxy appends to the header or overwrites it"
+        for net in access.networks
+        if net.is_loopback and not any(net.network_address in proxy and net.broadcast_address in proxy
+                                       for proxy in access.trusted_proxies)
+    ]
 
 
 def bearer_token(environ: Mapping[str, Any]) -> str | None:

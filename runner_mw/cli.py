@@ -1,7 +1,8 @@
 """The ``runner-mw`` command: ``check`` a config offline, ``reload`` a server, run the ``devrunner``.
 
 Use ``runner-mw check FILE`` like ``nginx -t`` before deploying a config: exit 0
-and a redacted summary, exit 1 and every error, exit 2 for usage errors.
+and a redacted summary (plus any warnings, on stderr), exit 1 and every error, exit 2
+for usage errors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from runner_mw.access import config_warnings
 from runner_mw.config import Config, redacted
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
@@ -34,6 +36,7 @@ def summary(config: Config) -> dict[str, Any]:
             "tokens": ["***"] * len(config.access.tokens),
             "trusted_proxies": [str(n) for n in config.access.trusted_proxies],
         },
+        "warnings": config_warnings(config.access),
         "config": redacted(dict(config.data)),
     }
 
@@ -63,6 +66,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  access       networks {', '.join(info['access']['networks']) or '(none)'}; "
           f"{len(info['access']['tokens'])} token(s)")
     print(f"  backends     {', '.join(info['backends'])}")
+    for warning in info["warnings"]:  # valid, but worth a second look: exit 0 still
+        print(f"runner-mw: {args.file}: warning: {warning}", file=sys.stderr)
     return 0
 
 

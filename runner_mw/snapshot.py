@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner_mw import metrics
+from runner_mw.access import config_warnings
 from runner_mw.backends.base import RunnerBackend
 from runner_mw.backends.registry import build_backend
 from runner_mw.config import SECRET_KEYS, Config
@@ -108,6 +109,7 @@ class SnapshotStore:
         self._lock = threading.Lock()  # serialises reloads; never taken by requests
         self.current = Snapshot(config, build(config.active), 1)
         self.last_reload = ReloadOutcome(ok=True, at=self.current.loaded_at, generation=1)
+        _warn(config)
 
     def reload(self) -> ReloadOutcome:
         """Re-read ``path``: swap on success, keep the old snapshot on any error."""
@@ -151,6 +153,7 @@ class SnapshotStore:
         metrics.reloaded(True, new_gen)
         log.info("reload result=ok generation=%d backend=%s changed=%s", new_gen, config.backend,
                  ",".join(changed) or "-")
+        _warn(config)
         return outcome
 
     def fail(self, error: str) -> ReloadOutcome:
@@ -202,3 +205,9 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
         elif a != b:
             out.append(name + (" (secret)" if key in SECRET_KEYS else ""))
     return out
+
+
+def _warn(config: Config) -> None:
+    """Log what ``runner-mw check`` warns about, for a config just put in place."""
+    for warning in config_warnings(config.access):
+        log.warning("runner_mw: %s: %s", config.source or "config", warning)

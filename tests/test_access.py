@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import socket
 import time
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from mwfixtures import ACCESS_TOKEN, HOST, T, envelope, running_gateway
 
+from runner_mw import access as access_module
 from runner_mw.access import (
     ALLOW,
     FORBIDDEN,
@@ -19,6 +21,7 @@ from runner_mw.access import (
     bearer_token,
     check_access,
     client_address,
+    config_warnings,
     token_matches,
 )
 from runner_mw.config import Access
@@ -107,6 +110,58 @@ def test_a_trusted_proxy_that_names_no_client_or_only_proxies_opens_nothing() ->
     assert check_access(environ, rules, None) == UNAUTHORIZED
     with_token = env("127.0.0.1", "", auth=f"Bearer {ACCESS_TOKEN}")
     assert check_access(with_token, access(trusted=("127.0.0.1/32",), tokens=(ACCESS_TOKEN,)), None) == ALLOW
+
+
+@pytest.mark.parametrize(("networks", "trusted", "claimable"), [
+    (None, (), []),  # no proxy: nothing is read from X-Forwarded-For
+    (None, ("127.0.0.1/32",), ["::1/128"]),  # a same-host proxy on IPv4 only
+    (None, ("10.0.0.7/32",), ["127.0.0.1/32", "::1/128"]),  # a proxy on another host
+    (None, ("127.0.0.0/8", "::1/128"), []),  # every loopback caller is a proxy: claims fail
+    (("10.0.0.0/8",), ("10.0.0.7/32",), []),  # a deliberate network, not loopback
+], ids=["no-proxy", "v4-proxy", "remote-proxy", "all-loopback-trusted", "office-network"])
+def test_config_warnings_name_the_loopback_networks_a_client_could_claim(
+        networks: tuple[str, ...] | None, trusted: tuple[str, ...], claimable: list[str]) -> None:
+    warnings = config_warnings(access(networks, trusted=trusted))
+    assert [w.split()[1] for w in warnings] == claimable
+    rules = access(networks, trusted=trusted)
+    for net in claimable:  # each warning is a real claim: allowed through a pass-through proxy
+        proxy = str(next(iter(ipaddress.ip_network(trusted[0]).hosts()), trusted[0].split("/")[0]))
+        claim = str(ipaddress.ip_network(net).network_address)
+        assert check_access(env(proxy, claim), rules, None) == ALLOW
+
+
+@pytest.fixture
+def proxy_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Any:
+    """The once-per-process warning, reset for one test; returns a reader of its lines."""
+    monkeypatch.setattr(access_module, "_proxy_warned", False)
+    caplog.set_level(logging.WARNING, logger="runner_mw")
+    return lambda: [r.getMessage() for r in caplog.records if "trusted_proxies is empty" in r.getMessage()]
+
+
+def test_a_forwarding_peer_let_in_by_networks_is_warned_about_once(proxy_warning: Any) -> None:
+    rules = access()  # loopback networks, no trusted proxies: the README's "every peer is the proxy"
+    assert check_access(env("127.0.0.1"), rules, None) == ALLOW
+    assert proxy_warning() == []  # a local caller that forwards nothing
+    assert check_access(env("10.9.9.9", "127.0.0.1"), rules, None) == UNAUTHORIZED
+    assert proxy_warning() == []  # refused anyway: nothing to warn about
+    assert check_access(env("127.0.0.1", "203.0.113.9"), rules, None) == ALLOW  # the rule holds
+    (line,) = proxy_warning()
+    assert "127.0.0.1" in line and "203.0.113.9" not in line  # the client's value is not logged
+    real_ip = env("127.0.0.1")
+    real_ip["HTTP_X_REAL_IP"] = "203.0.113.9"
+    check_access(real_ip, rules, None)
+    check_access(env("127.0.0.1", "203.0.113.10"), rules, None)
+    assert len(proxy_warning()) == 1  # once per process
+
+
+@pytest.mark.parametrize("header", ["X-Real-IP", "Forwarded"])
+def test_the_proxy_warning_through_http(kind: str, header: str, proxy_warning: Any) -> None:
+    with running_gateway(kind) as gw:
+        assert gw.execute().status_code == 200
+        assert proxy_warning() == []
+        value = "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"
+        assert gw.execute(headers={header: value}).status_code == 200
+        assert len(proxy_warning()) == 1
 
 
 @pytest.mark.parametrize("xff", ["not-an-ip", "1.2.3.4, garbage", "1.2.3.4:8080", "unknown, 10.0.0.2"])

@@ -82,6 +82,23 @@ def test_check_ok_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) < 15  # short
 
 
+def test_check_warns_about_claimable_loopback_but_still_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "proxied.yaml"
+    target.write_text("version: 1\nbackend: d\nbackends:\n  d: {kind: docker, url: 'http://127.0.0.1:8085'}\n"
+                      "access:\n  trusted_proxies: [127.0.0.1/32]\n", encoding="utf-8")
+    assert main(["check", str(target)]) == 0  # valid: a warning is not an error
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{target}: ok")
+    (line,) = err.splitlines()
+    assert line.startswith(f"runner-mw: {target}: warning: access.networks: ::1/128 is loopback")
+    assert main(["check", "--json", str(target)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert [w.split()[1] for w in report["summary"]["warnings"]] == ["::1/128"]
+
+
 def test_check_follows_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -157,6 +174,7 @@ def test_check_json_ok_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert summary["file"] == str(RUNNER_YAML)
     assert len(summary["sha256"]) == 64
     assert summary["backends"] == ["docker", "knative"]
+    assert summary["warnings"] == []  # the shipped file: nothing to warn about
 
 
 def test_check_json_error_shape(bad_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -251,3 +252,23 @@ def test_a_rotated_secret_file_is_a_change_and_the_same_file_again_is_not(
     token.write_text("new-service-token-0002", encoding="utf-8")
     outcome = store.reload()
     assert outcome.ok and outcome.generation == 3 and outcome.changed == (NO_SETTING,)
+
+
+def test_a_config_a_client_could_claim_access_in_is_warned_about_when_put_in_place(
+        builds: Builds, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="runner_mw")
+    proxied = config_from_mapping({"version": 1, "backend": "a",
+                                   "backends": {"a": {"kind": "docker", "url": "http://127.0.0.1:8085"}},
+                                   "access": {"trusted_proxies": ["127.0.0.1/32"]}})
+
+    def warnings() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records]
+        return [line for line in lines if "is loopback but not a trusted proxy" in line]
+
+    store = SnapshotStore(config(), build=builds)
+    assert warnings() == []
+    store.apply(proxied)  # a reload
+    assert len(warnings()) == 1 and "::1/128" in warnings()[0]
+    SnapshotStore(proxied, build=builds)  # a start
+    assert len(warnings()) == 2
+
