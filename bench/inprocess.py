@@ -1,6 +1,6 @@
 """In-process cost per request: werkzeug's ProxyMiddleware vs runner_mw, no WSGI server.
 
-``python -m bench.inprocess [--threads 1,4] [--requests 1500] [--rounds 3]``
+``python -m bench.inprocess [--threads 1,4] [--requests 1500] [--rounds 3] [--runner memory]``
 
 Each target is called as ``app(environ, start_response)`` against nginx as the runner
 (the same stand-in as ``bench/run``), from 1 thread and from 4 at once (the contention a
@@ -8,11 +8,14 @@ gthread worker's threads see: every syscall that releases the GIL is a hand-off)
 figure is the process's CPU time per request (``time.process_time``), the minimum of
 the rounds: nginx's work is not in it, and neither is time the CPUs spent elsewhere.
 Use it to see what a change to the hot path costs or saves, beside ``bench/run``.
+``--runner memory`` replays nginx's recorded replies from memory (``bench.memory``): no
+syscall at all, each proxy's own Python alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import resource
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import bench, lib
+from bench import bench, lib, memory
 
 
 def environ(route: str, body: bytes) -> dict[str, Any]:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,4", help="thread counts to run (default 1,4)")
     parser.add_argument("--requests", type=int, default=1500, help="requests per thread and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cell; the minimum is shown")
+    parser.add_argument("--runner", choices=("nginx", "memory"), default="nginx",
+                        help="nginx over loopback (default), or its replies replayed from memory")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="runner-mw-inprocess-"))
     prom = tmp / "prom"
@@ -115,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     nginx = lib.Nginx(tmp)
     nginx.start()
     real_stderr = sys.stderr
+    stack = contextlib.ExitStack()  # the memory runner, when asked for
     try:
         os.environ["BENCH_UPSTREAM"] = nginx.url("a")
         # The access log goes to a stderr handler, as under gunicorn; here to /dev/null.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - restored in finally
         targets = {name: build(name, nginx, tmp) for name in TARGETS}
         body = bench.execute_body()
+        replay = (memory.replaying(memory.record(nginx, body)) if args.runner == "memory"
+                  else contextlib.nullcontext())
+        stack.enter_context(replay)
         rows = []
         for threads in (int(t) for t in args.threads.split(",")):
             for route in ("asset", "execute"):
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {threads} | {route} | {name} | {us:.0f} | {ratio:.2f} | {sw:.1f} |",
                   file=sys.__stdout__)
     finally:
+        stack.close()
         sys.stderr = real_stderr
         nginx.stop()
     return 0

@@ -12,6 +12,8 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -22,7 +24,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from runner_mw import config as c
-from runner_mw.backends.registry import known_kinds
+from runner_mw.backends.registry import broken_kinds, known_kinds
 from runner_mw.errors import ConfigError, ConfigIssue
 from runner_mw.interpolate import interpolate_scalar, resolve_files
 from runner_mw.schema import main_schema
@@ -38,6 +40,7 @@ _STRICT_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
     "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
 Validator = validators.extend(Draft202012Validator, type_checker=_STRICT_TYPES)
 _VISIBLE = frozenset(chr(i) for i in range(0x21, 0x7F))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> c.Config:
@@ -214,12 +217,21 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
     for name, entry in backends.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
             continue  # the main schema reported it
-        cls = kinds.get(entry["kind"])
+        kind = entry["kind"]
+        cls = kinds.get(kind)
         if cls is None:
-            issues.add(("backends", name, "kind"), f"unknown backend kind {entry['kind']!r} "
-                       f"(known kinds: {', '.join(sorted(kinds))})")
+            broken = broken_kinds().get(kind)
+            issues.add(("backends", name, "kind"), f"backend kind {kind!r} is registered, but its "
+                       f"plugin failed to load: {broken}" if broken else f"unknown backend kind "
+                       f"{kind!r} (known kinds: {', '.join(sorted(kinds))})")
             continue
-        _schema_issues(Validator(cls.settings_schema()), entry, ("backends", name), issues)
+        try:
+            schema = cls.settings_schema()
+            Validator.check_schema(schema)
+            _schema_issues(Validator(schema), entry, ("backends", name), issues)
+        except Exception as exc:  # the plugin's bug, reported as the config's (never raised)
+            issues.add(("backends", name, "kind"), f"the settings schema of backend kind {kind!r} "
+                       f"is broken: {type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}")
 
 
 def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> None:
@@ -227,6 +239,7 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> N
     if data["backend"] not in backends:
         issues.add(("backend",), f"{data['backend']!r} is not an entry of backends "
                    f"(entries: {', '.join(sorted(backends))})")
+    _control_issues(data, (), issues)
     for name, entry in backends.items():
         for key in ("url", "public_base"):
             value = entry.get(key)
@@ -235,8 +248,10 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> N
                 if problem:
                     issues.add(("backends", name, key), f"{value!r} {problem}")
         ca = entry.get("ca_bundle")
-        if isinstance(ca, str) and not _resolve(ca, base_dir).is_file():
-            issues.add(("backends", name, "ca_bundle"), f"CA bundle {ca!r} is not a readable file")
+        if isinstance(ca, str):
+            problem = _ca_problem(_resolve(ca, base_dir))
+            if problem:
+                issues.add(("backends", name, "ca_bundle"), f"CA bundle {ca!r} {problem}")
         _token_issue(entry.get("service_token"), ("backends", name, "service_token"), issues)
     _token_issue(data.get("upstream", {}).get("service_token"), ("upstream", "service_token"), issues)
     access = data.get("access", {})
@@ -253,6 +268,37 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> N
         _token_issue(token, path, issues)
 
 
+def _control_issues(node: Any, path: KeyPath, issues: _Issues) -> None:
+    """A control character in any name or text (but secrets, checked on their own): it can
+    only be a mistake, most often the newline a ``${VAR}`` from a Kubernetes secret or
+    ConfigMap ends in, which the schema's patterns miss (``$`` matches before a last
+    newline) and which would fail every request later (a header cannot hold it)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and _CONTROL.search(key):
+                issues.add((*path, key), "the name holds a control character (a newline?)")
+            elif key not in c.SECRET_KEYS:
+                _control_issues(value, (*path, key), issues)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _control_issues(value, (*path, i), issues)
+    elif isinstance(node, str) and _CONTROL.search(node):
+        issues.add(path, f"{_short(node)} holds a control character (a newline from an "
+                         "environment variable?)")
+
+
+def _ca_problem(path: Path) -> str | None:
+    """Why the CA bundle at ``path`` cannot verify a runner, or None. Tried now: the TLS
+    context is made at a worker's first request, where a bad bundle is a 502 for all."""
+    if not path.is_file():
+        return "is not a readable file"
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"holds no usable PEM certificate ({getattr(exc, 'reason', None) or exc})"
+    return None
+
+
 def _token_issue(token: Any, path: KeyPath, issues: _Issues) -> None:
     # A token ends up in a header: refuse anything that could split or smuggle one.
     if isinstance(token, str) and token and not set(token) <= _VISIBLE:
@@ -267,6 +313,10 @@ def _url_problem(url: str) -> str | None:
         return f"is not a valid URL: {exc}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "is not an http(s) URL with a host"
+    if not url.isascii():  # it goes into request lines (control characters: _control_issues)
+        return "must be ASCII (percent-encode the path)"
+    if parts.port == 0:
+        return "names port 0"
     if parts.username is not None or parts.query or parts.fragment:
         return "must not hold user:password@, a query or a fragment"
     return None

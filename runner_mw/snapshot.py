@@ -119,6 +119,9 @@ class SnapshotStore:
             config = load_config(self.path)
         except ConfigError as exc:
             return self.fail(str(exc))
+        except Exception as exc:  # a bug (ours, a plugin's): still a failed reload, never a raise
+            log.exception("reload: the config could not be loaded")
+            return self.fail(f"{type(exc).__name__}: {exc}")
         return self.apply(config)
 
     def apply(self, config: Config, generation: int | None = None) -> ReloadOutcome:

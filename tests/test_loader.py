@@ -24,6 +24,8 @@ from runner_mw.errors import ConfigError, ConfigIssue
 from runner_mw.loader import MAX_CONFIG_BYTES, config_from_mapping, config_from_text, load_config
 from runner_mw.schema import main_schema
 
+pytest_plugins = ["mwfixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 RUNNER_YAML = REPO / "config" / "runner.yaml"
 KNATIVE_YAML = REPO / "config" / "knative.example.yaml"
@@ -186,6 +188,24 @@ CASES: list[Any] = [
      [(7, "backends.docker.service_token", "visible ASCII characters (no spaces or newlines)")]),
     ("ca-bundle-missing", BASE + "    ca_bundle: no-such-ca.pem\n",
      [(7, "backends.docker.ca_bundle", "CA bundle 'no-such-ca.pem' is not a readable file")]),
+    # A bundle that is a file but verifies nothing (empty, cut short, a key): tried at load,
+    # not at the first request, where it would be a 502 for every request.
+    ("ca-bundle-not-pem", lambda d: _write(d, BASE + "    ca_bundle: ca.pem\n", {"ca.pem": "not a cert\n"}),
+     [(7, "backends.docker.ca_bundle", "CA bundle 'ca.pem' holds no usable PEM certificate")]),
+    ("ca-bundle-empty", lambda d: _write(d, BASE + "    ca_bundle: ca.pem\n", {"ca.pem": ""}),
+     [(7, "backends.docker.ca_bundle", "holds no usable PEM certificate")]),
+    # A trailing newline (what a ${VAR} from a Kubernetes secret often ends in) passes the
+    # schema's patterns (Python's "$" matches before a last newline): refused here.
+    ("knative-host-trailing-newline", KNATIVE + '    host: "runner.example.com\\n"\n',
+     [(7, "backends.k.host", "holds a control character")]),
+    ("asset-prefix-trailing-newline", BASE + 'routes:\n  asset_prefixes: ["ext-ui/\\n"]\n',
+     [(8, "routes.asset_prefixes[0]", "holds a control character")]),
+    ("url-trailing-newline", with_url('"http://127.0.0.1:8085/base\\n"'),
+     [(6, "backends.docker.url", "holds a control character")]),
+    ("url-not-ascii", with_url("http://127.0.0.1:8085/café"),
+     [(6, "backends.docker.url", "must be ASCII (percent-encode the path)")]),
+    ("url-port-zero", with_url("http://127.0.0.1:0"),
+     [(6, "backends.docker.url", "'http://127.0.0.1:0' names port 0")]),
     # --- access
     ("network-not-cidr", BASE + "access:\n  networks: [10.0.0.0/33]\n",
      [(8, "access.networks[0]", "'10.0.0.0/33' is not a network")]),
@@ -277,6 +297,14 @@ CASES: list[Any] = [
       (8, "access.networks[0]", "has host bits set"),
       (9, "access.tokens[0]", "at least 16 characters")]),
 ]
+
+
+def _write(folder: Path, text: str, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        (folder / name).write_text(content, encoding="utf-8")
+    target = folder / "runner.yaml"
+    target.write_text(text, encoding="utf-8")
+    return target
 
 
 PARAMS = [case if hasattr(case, "marks") else pytest.param(*case, id=case[0]) for case in CASES]
@@ -387,6 +415,17 @@ def test_error_messages_never_echo_a_secret_value() -> None:
 def _clear_deployment_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in DEPLOYMENT_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+def test_a_value_from_the_environment_with_a_trailing_newline_is_refused() -> None:
+    # Kubernetes configMapKeyRef/secretKeyRef values often end in one; as a Host header or an
+    # asset prefix it would fail every request, long after the check said ok.
+    text = KNATIVE + "    host: ${KN_HOST}\nroutes:\n  asset_prefixes: ['${PREFIX}']\n"
+    with pytest.raises(ConfigError) as info:
+        config_from_text(text, file="r.yaml", env={"KN_HOST": "svc.ns.example.com\n", "PREFIX": "ext-ui/\n"})
+    assert [(i.line, i.path) for i in info.value.issues] == [(7, "backends.k.host"),
+                                                              (9, "routes.asset_prefixes[0]")]
+    assert config_from_text(text, env={"KN_HOST": "svc.ns.example.com", "PREFIX": "ext-ui/"}).active.host
 
 
 def test_shipped_config_loads_with_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -744,10 +783,12 @@ def _configmap_version(mount: Path, name: str, token: str, ca: bytes) -> None:
 
 
 def test_files_are_found_through_a_configmap_mount_and_rotating_them_changes_the_config(
-        tmp_path: Path) -> None:
+        tmp_path: Path, self_signed: tuple[Path, Path]) -> None:
+    ca_one = self_signed[0].read_bytes()
+    ca_two = ca_one + ca_one  # other bytes, still a bundle that loads
     mount = tmp_path / "runner-config"
     mount.mkdir()
-    _configmap_version(mount, "..2026_11_27_a", "first-service-token-0001", b"CA one")
+    _configmap_version(mount, "..2026_11_27_a", "first-service-token-0001", ca_one)
     first = load_config(mount / "runner.yaml")
     # Through the mount's own links, never pinned in the timestamped folder.
     assert first.active.ca_bundle == str(mount / "ca.pem")
@@ -755,14 +796,14 @@ def test_files_are_found_through_a_configmap_mount_and_rotating_them_changes_the
     assert load_config(mount / "runner.yaml").sha256 == first.sha256  # same files: same digest
 
     # The kubelet's update: a new folder, the link swapped, the old folder deleted.
-    _configmap_version(mount, "..2026_11_27_b", "second-service-token-002", b"CA one")
+    _configmap_version(mount, "..2026_11_27_b", "second-service-token-002", ca_one)
     shutil.rmtree(mount / "..2026_11_27_a")
     second = load_config(mount / "runner.yaml")  # the YAML did not change: the secret did
     assert second.active.service_token == "second-service-token-002"
     assert second.sha256 != first.sha256
-    assert Path(second.active.ca_bundle or "").read_bytes() == b"CA one"
+    assert Path(second.active.ca_bundle or "").read_bytes() == ca_one
 
-    _configmap_version(mount, "..2026_11_27_c", "second-service-token-002", b"CA two")
+    _configmap_version(mount, "..2026_11_27_c", "second-service-token-002", ca_two)
     shutil.rmtree(mount / "..2026_11_27_b")
     third = load_config(mount / "runner.yaml")  # only the CA bundle changed
     assert third.sha256 not in (first.sha256, second.sha256)

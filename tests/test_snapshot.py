@@ -145,6 +145,26 @@ def test_an_unchanged_file_is_a_no_op(builds: Builds, tmp_path: Path) -> None:
     assert outcome.ok and store.current is snap and len(builds.made) == 1
 
 
+def test_a_loader_that_raises_anything_is_a_failed_reload_not_an_exception(
+        builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every known failure is a ConfigError; this is the backstop for the unknown ones (a
+    # bug of ours or a plugin's): SIGHUP's reloader and middleware.reload() must not raise.
+    from runner_mw import snapshot
+
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:8085"), encoding="utf-8")
+    store = SnapshotStore(snapshot.load_config(file), path=str(file), build=builds)
+    snap = store.current
+
+    def broken(path: str) -> Config:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(snapshot, "load_config", broken)
+    outcome = store.reload()
+    assert not outcome.ok and outcome.error == "KeyError: 'surprise'"
+    assert store.current is snap and store.last_reload is outcome
+
+
 def test_a_failed_reload_keeps_the_old_snapshot(builds: Builds, tmp_path: Path) -> None:
     file = tmp_path / "runner.yaml"
     file.write_text(yaml_text("http://127.0.0.1:8085"), encoding="utf-8")

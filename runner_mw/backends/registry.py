@@ -33,11 +33,11 @@ def _builtin() -> dict[str, type[RunnerBackend]]:
 
 
 @cache
-def known_kinds() -> dict[str, type[RunnerBackend]]:
-    """Every usable kind by name. A plugin that fails to import is logged and skipped."""
+def _scan() -> tuple[dict[str, type[RunnerBackend]], dict[str, str]]:
     from runner_mw.backends.base import RunnerBackend
 
     kinds = _builtin()
+    broken: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in kinds:
             continue  # the built-ins (also declared as entry points) cannot be replaced
@@ -45,12 +45,24 @@ def known_kinds() -> dict[str, type[RunnerBackend]]:
             cls = ep.load()
         except Exception as exc:  # a broken plugin must not break the gateway
             log.warning("backend plugin %r could not be loaded: %s", ep.name, exc)
+            broken[ep.name] = f"{type(exc).__name__}: {exc}"
             continue
         if not (isinstance(cls, type) and issubclass(cls, RunnerBackend)):
             log.warning("backend plugin %r is not a RunnerBackend subclass; skipped", ep.name)
+            broken[ep.name] = f"{ep.value} is not a RunnerBackend subclass"
             continue
         kinds[ep.name] = cls
-    return kinds
+    return kinds, broken
+
+
+def known_kinds() -> dict[str, type[RunnerBackend]]:
+    """Every usable kind by name. A plugin that fails to import is logged and skipped."""
+    return _scan()[0]
+
+
+def broken_kinds() -> dict[str, str]:
+    """The kinds a plugin registers but that could not be used, and why (for config errors)."""
+    return _scan()[1]
 
 
 def backend_class(kind: str) -> type[RunnerBackend] | None:

@@ -1,0 +1,95 @@
+"""Backend kinds from plugins: real entry points on sys.path, found, refused or reported broken,
+and a broken plugin is a config error naming it (never an exception out of the loader)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner_mw.backends import registry
+from runner_mw.cli import main
+from runner_mw.errors import ConfigError
+from runner_mw.loader import config_from_text
+
+GOOD_SCHEMA = ("{'type': 'object', 'required': ['kind', 'url'], 'additionalProperties': False,"
+               " 'properties': {'kind': {'const': 'KIND'}, 'url': {'type': 'string'}}}")
+PLUGINS = {
+    "working": f"class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+               f"        return {GOOD_SCHEMA.replace('KIND', 'working')}\n",
+    "typo": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+            "        return {'type': 'objekt'}\n",
+    "raises": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+              "        raise RuntimeError('schema file missing')\n",
+    "unimportable": "import no_such_module_anywhere\n",
+    "notabackend": "class Backend:\n    pass\n",
+}
+
+
+@pytest.fixture
+def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One installed distribution registering every kind of ``PLUGINS`` (module ``mwplug_<kind>``)."""
+    site = tmp_path / "site"
+    info = site / "mwplugins-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mwplugins\nVersion: 0.1\n")
+    lines = ["[runner_mw.backends]"]
+    for kind, body in PLUGINS.items():
+        (site / f"mwplug_{kind}.py").write_text("from runner_mw.backends.http import HTTPBackend\n" + body)
+        lines.append(f"{kind} = mwplug_{kind}:Backend")
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    registry._scan.cache_clear()  # entry points are read once per process: again, with these
+    yield
+    registry._scan.cache_clear()  # (sys.path is restored by monkeypatch after this)
+
+
+def config(kind: str, *, active: bool = True) -> str:
+    entry = f"  p:\n    kind: {kind}\n    url: http://127.0.0.1:9\n"
+    return (f"version: 1\nbackend: {'p' if active else 'd'}\nbackends:\n"
+            f"  d:\n    kind: docker\n    url: http://127.0.0.1:9\n{entry}")
+
+
+def issue_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_text(text, file="runner.yaml", env={})
+    (issue,) = info.value.issues
+    assert (issue.line, issue.path) == (8, "backends.p.kind")
+    return issue.message
+
+
+@pytest.mark.usefixtures("plugins")
+def test_a_working_plugin_is_a_kind_and_validates_its_entries() -> None:
+    assert config_from_text(config("working"), env={}).active.kind == "working"
+    with pytest.raises(ConfigError, match="unknown key 'extra'"):
+        config_from_text(config("working") + "    extra: 1\n", env={})
+
+
+@pytest.mark.usefixtures("plugins")
+@pytest.mark.parametrize(("kind", "says"), [
+    ("unimportable", "backend kind 'unimportable' is registered, but its plugin failed to load: "
+                     "ModuleNotFoundError"),
+    ("notabackend", "'notabackend' is registered, but its plugin failed to load: "
+                    "mwplug_notabackend:Backend is not a RunnerBackend subclass"),
+    ("typo", "the settings schema of backend kind 'typo' is broken: SchemaError"),
+    ("raises", "the settings schema of backend kind 'raises' is broken: RuntimeError: schema file missing"),
+])
+def test_a_broken_plugin_is_a_config_error_that_names_it(kind: str, says: str) -> None:
+    assert says in issue_of(config(kind))
+    assert says in issue_of(config(kind, active=False))  # every entry is checked, used or not
+
+
+@pytest.mark.usefixtures("plugins")
+def test_check_reports_a_broken_plugin_as_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "runner.yaml"
+    target.write_text(config("typo", active=False), encoding="utf-8")
+    assert main(["check", "--json", str(target)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert [e["path"] for e in report["errors"]] == ["backends.p.kind"]
+
+
+def test_without_plugins_an_unknown_kind_lists_the_known_ones() -> None:
+    assert issue_of(config("nope")) == "unknown backend kind 'nope' (known kinds: docker, knative)"
