@@ -25,15 +25,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner_mw")
 
 
+#: The status logged and counted when the client left before the body was whole (nginx's
+#: code for it): not the runner's fault, so not a 502 that would set off its alerts.
+CLIENT_CLOSED = 499
+
+
 class StreamedBody:
     """The WSGI iterable of a proxied asset. ``close()`` (the server always calls it, also
-    when the client went away) releases the upstream connection, then ``done``."""
+    when the client went away) releases the upstream connection, then calls ``done`` with
+    ``status`` (all sent), 502 (the runner broke off) or ``CLIENT_CLOSED``."""
 
-    def __init__(self, upstream: AssetResponse, done: Callable[[bool], None], first: bytes = b"") -> None:
+    def __init__(self, upstream: AssetResponse, done: Callable[[int], None], status: int,
+                 first: bytes = b"") -> None:
         self._upstream = upstream
         self._done = done
+        self._status = status
         self._first = first
         self._complete = False
+        self._broken = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self._first:
@@ -46,6 +55,7 @@ class StreamedBody:
             # The runner broke off mid-body. Re-raising makes the server abort the
             # connection: the client sees a broken transfer, never a short body that looks whole.
             log.warning("upstream asset body broken off")
+            self._broken = True
             raise
         self._complete = True
 
@@ -53,7 +63,7 @@ class StreamedBody:
         try:
             self._upstream.close()
         finally:
-            self._done(self._complete)
+            self._done(self._status if self._complete else 502 if self._broken else CLIENT_CLOSED)
 
 
 def handle_asset(
@@ -111,7 +121,7 @@ def handle_asset(
         finally:
             done(status)
         return [first] if first else []
-    return StreamedBody(upstream, lambda complete: done(status if complete else 502), first)
+    return StreamedBody(upstream, done, status, first)
 
 
 def _origins(active: Any) -> tuple[str, ...]:

@@ -21,10 +21,11 @@ HOP_BY_HOP = frozenset({
 })
 SERVICE_TOKEN = "x-runner-service-token"
 
-#: Request headers passed to ``/runner/*`` (the reference gateway's list, plus tracing).
+#: Request headers passed to ``/runner/*`` (the reference gateway's list, plus tracing, plus
+#: ``if-range``: a Range without its If-Range would turn a conditional request unconditional).
 ASSET_REQUEST_ALLOW = frozenset({
     "accept", "accept-encoding", "accept-language", "if-none-match", "if-modified-since",
-    "range", "user-agent", "traceparent", "tracestate",
+    "range", "if-range", "user-agent", "traceparent", "tracestate",
 })
 #: Request headers passed to ``/v1/execute`` (plus every ``x-alga-*``). No accept-encoding:
 #: the gateway reads the reply (to reduce error texts), so it asks for identity.

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import logging
 import socket
 import struct
 import threading
@@ -31,6 +32,7 @@ from mwfixtures import (
     running_gateway,
     send,
     serve_wsgi,
+    wait_until,
 )
 from standin import (
     DripRunner,
@@ -269,13 +271,23 @@ def test_a_small_asset_frees_its_connection_before_the_body_is_sent(gateway: Gat
     assert snap.inflight == 0
 
 
-def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(kind: str) -> None:
+def access_statuses(caplog: pytest.LogCaptureFixture, rid: str) -> list[str]:
+    return [r.getMessage().partition(" status=")[2].partition(" ")[0] for r in caplog.records
+            if r.name == "runner_mw.access" and f"request_id={rid}" in r.getMessage()]
+
+
+def test_a_client_that_leaves_mid_stream_releases_the_upstream_connection(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
     # One pooled connection: if the abandoned stream kept it, the next request would wait, then 503.
+    caplog.set_level(logging.INFO, logger="runner_mw.access")
     with running_gateway(kind, upstream={"pool_size": 1, "pool_wait_ms": 10000}) as gw:
         gw.runner.stream_asset("/ext-ui/big/", BIG)
-        with raw_exchange(gw.port, "GET", "/runner/ext-ui/big/h/file.bin") as resp:
+        with raw_exchange(gw.port, "GET", "/runner/ext-ui/big/h/file.bin",
+                          [("X-Request-Id", "leaves")]) as resp:
             assert resp.status == 200
             assert len(resp.read(256 * 1024)) == 256 * 1024
+        # Logged and counted as the client's doing (nginx's 499), not as a runner failure (502).
+        assert wait_until(lambda: access_statuses(caplog, "leaves"), what="access line") == ["499"]
         for _ in range(3):
             started = time.monotonic()
             nxt = gw.get(INDEX + Q)
@@ -350,15 +362,18 @@ class CutMidBodyRunner(_RawServer):
 
 @pytest.mark.parametrize("server", SERVERS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_runner_dying_mid_body_breaks_the_clients_transfer(kind: str, server: str, chunked: bool) -> None:
+def test_a_runner_dying_mid_body_breaks_the_clients_transfer(kind: str, server: str, chunked: bool,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runner_mw.access")
     with CutMidBodyRunner(chunked=chunked) as cut, \
             running_gateway(kind, server=server, runner_url=cut.url) as gw, \
-            raw_exchange(gw.port, "GET", "/runner/ext-ui/a/b/big.bin") as resp:
+            raw_exchange(gw.port, "GET", "/runner/ext-ui/a/b/big.bin", [("X-Request-Id", "cut")]) as resp:
         assert resp.status == 200
         assert len(resp.read(1000)) == 1000
         cut.go.set()
         with pytest.raises((http.client.IncompleteRead, ConnectionError)):
             resp.read()  # never a short body that looks complete
+        assert wait_until(lambda: access_statuses(caplog, "cut"), what="access line") == ["502"]
 
 
 def test_a_stalled_stream_is_cut_after_the_read_deadline(kind: str) -> None:

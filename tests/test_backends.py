@@ -111,7 +111,9 @@ def test_connections_are_kept_alive_and_reused(kind: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["HEAD", "GET-304"])
-def test_bodiless_replies_keep_the_connection_alive(kind: str, method: str) -> None:
+def test_bodiless_replies_are_answered_and_their_connection_is_not_reused(kind: str, method: str) -> None:
+    # A runner may send bytes after a bodiless reply once the next request came (tests/test_wire.py):
+    # its connection is closed after it, the GET's before it is reused once.
     with StandinRunner() as runner, backend_for(runner.url, kind) as backend:
         etag = fetch(backend, ASSET, query="tenant=t1")[1]["etag"]
         for _ in range(3):
@@ -119,8 +121,9 @@ def test_bodiless_replies_keep_the_connection_alive(kind: str, method: str) -> N
                 status = fetch(backend, ASSET, "HEAD", "tenant=t1")[0]
             else:
                 status = fetch(backend, ASSET, query="tenant=t1", headers={"if-none-match": etag})[0]
-            assert status in (200, 304)
-        assert len({r.peer for r in runner.received}) == 1
+            assert status == (200 if method == "HEAD" else 304)
+        peers = [r.peer for r in runner.received]
+        assert peers[1] == peers[0] and len(set(peers)) == 3
 
 
 def test_close_releases_and_a_later_call_reopens(kind: str) -> None:

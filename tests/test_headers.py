@@ -157,7 +157,7 @@ def test_response_headers_say_whether_a_location_may_need_rewriting() -> None:
 
 CLIENT_HEADERS = {
     "Accept": "text/html", "Accept-Encoding": "gzip, br", "Accept-Language": "de", "User-Agent": "browser/1",
-    "If-Modified-Since": "Wed, 21 Oct 2015 07:28:00 GMT", "Range": "bytes=0-10",
+    "If-Modified-Since": "Wed, 21 Oct 2015 07:28:00 GMT", "Range": "bytes=0-10", "If-Range": '"sha256-old"',
     "Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "Tracestate": "v=1",
     "Authorization": "Bearer user-token", "Cookie": "session=user-cookie", "X-Runner-Service-Token": "fake",
     "Proxy-Authorization": "Basic x", "X-Forwarded-For": "1.2.3.4", "X-Forwarded-Host": "evil.example",
@@ -171,11 +171,13 @@ def test_asset_requests_carry_only_allow_listed_headers(gateway: Gateway) -> Non
     resp = gateway.get(INDEX + Q, headers=CLIENT_HEADERS)
     assert resp.status_code == 200
     got = gateway.runner.received[0].headers
+    # If-Range goes with Range: without it a conditional range request would become an
+    # unconditional one, and a slice of a changed file would be spliced onto a stale copy.
     assert set(got) == {"host", "accept", "accept-encoding", "accept-language", "user-agent",
-                        "if-modified-since", "range", "traceparent", "tracestate", "x-request-id",
-                        "x-runner-service-token"}
+                        "if-modified-since", "range", "if-range", "traceparent", "tracestate",
+                        "x-request-id", "x-runner-service-token"}
     for name in ("accept", "accept-encoding", "accept-language", "user-agent", "if-modified-since", "range",
-                 "traceparent", "tracestate"):
+                 "if-range", "traceparent", "tracestate"):
         assert got[name] == CLIENT_HEADERS[next(k for k in CLIENT_HEADERS if k.lower() == name)]
     assert got["host"] == gateway.upstream_host  # from config, never the client's
     assert got["x-runner-service-token"] == SERVICE_TOKEN

@@ -518,10 +518,16 @@ def _read_head(conn: _Conn, read_s: float, deadline: float | None, *, stale_ok: 
             raise BadGateway("reply head too long")  # (interim replies count too)
     if head_only:
         # llhttp (strict) allows no CR or LF inside a header line, so the first blank line
-        # ends the head. Reusable only if it is all we got and no interim reply came first.
+        # ends the head. Complete only if it is all we got and no interim reply came first.
         received = parse.buffer
         parse.done = received.find(b"\r\n\r\n") + 4 == len(received)
         parse.body.clear()
+    if head_only or parse.status in (204, 304):
+        # No body by its framing, yet a runner may send one (a HEAD answered like a GET, in a
+        # second write that Nagle holds back until our next request's ACK): bytes that come
+        # after the next request went out, where Pool.get's idle check cannot see them, and
+        # would be read as its reply. Rare on this route (assets are immutable): not reused.
+        parse.keep_alive = False
     parse.buffer = b""  # the head is read: the bytes need not stay
     return parse
 
