@@ -132,6 +132,14 @@ class _Issues:
         if issue not in self.items:  # e.g. `type` and `const` both failing on one value
             self.items.append(issue)
 
+    def add_new(self, path: KeyPath, message: str) -> None:
+        """``add``, unless ``path`` or a key above or below it has an issue already: one
+        message per mistake (a URL the schema refused needs no second one saying why)."""
+        key = dotted(path)
+        if not any(i.path == key or i.path.startswith((key + ".", key + "[")) or
+                   key.startswith((i.path + ".", i.path + "[")) for i in self.items):
+            self.add(path, message)
+
     def line(self, path: KeyPath) -> int | None:
         if not self.lines:
             return None
@@ -151,8 +159,7 @@ def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_d
     backends = data.get("backends")
     if isinstance(backends, dict):
         _backend_issues(backends, issues)
-    if not issues.items:
-        _semantic_issues(data, base_dir, issues)
+    _semantic_issues(data, base_dir, issues)
     if not issues.items and files_in_digest:
         sha256 = _digest_with_files(sha256, read, data, base_dir, issues)
     if issues.items:
@@ -235,36 +242,50 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
 
 
 def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> None:
-    backends = data["backends"]
-    if data["backend"] not in backends:
-        issues.add(("backend",), f"{data['backend']!r} is not an entry of backends "
-                   f"(entries: {', '.join(sorted(backends))})")
+    """What the schema cannot say. Run on a file with schema errors too (every error at
+    once, as ``check`` promises), so each test takes only the shapes it can read, and a
+    key the schema already refused gets no second message (``_Issues.add_new``)."""
+    backends = data.get("backends")
+    backends = backends if isinstance(backends, dict) else {}
+    backend = data.get("backend")
+    if backends and isinstance(backend, str) and backend not in backends:
+        issues.add_new(("backend",), f"{backend!r} is not an entry of backends "
+                       f"(entries: {', '.join(sorted(map(str, backends)))})")
     _control_issues(data, (), issues)
     for name, entry in backends.items():
+        if not isinstance(entry, dict):
+            continue
         for key in ("url", "public_base"):
             value = entry.get(key)
             if isinstance(value, str) and value.startswith("http"):
                 problem = _url_problem(value)
                 if problem:
-                    issues.add(("backends", name, key), f"{value!r} {problem}")
+                    issues.add_new(("backends", name, key), f"{value!r} {problem}")
         ca = entry.get("ca_bundle")
         if isinstance(ca, str):
             problem = _ca_problem(_resolve(ca, base_dir))
             if problem:
-                issues.add(("backends", name, "ca_bundle"), f"CA bundle {ca!r} {problem}")
+                issues.add_new(("backends", name, "ca_bundle"), f"CA bundle {ca!r} {problem}")
         _token_issue(entry.get("service_token"), ("backends", name, "service_token"), issues)
-    _token_issue(data.get("upstream", {}).get("service_token"), ("upstream", "service_token"), issues)
-    access = data.get("access", {})
+    upstream = data.get("upstream")
+    if isinstance(upstream, dict):
+        _token_issue(upstream.get("service_token"), ("upstream", "service_token"), issues)
+    access = data.get("access")
+    access = access if isinstance(access, dict) else {}
     for key in ("networks", "trusted_proxies"):
-        for i, net in enumerate(access.get(key, [])):
+        nets = access.get(key)
+        for i, net in enumerate(nets if isinstance(nets, list) else []):
+            if not isinstance(net, str):
+                continue  # the schema said so
             try:
                 ipaddress.ip_network(net, strict=True)
             except ValueError as exc:
-                issues.add(("access", key, i), f"{net!r} is not a network: {exc}")
-    for i, token in enumerate(access.get("tokens", [])):
+                issues.add_new(("access", key, i), f"{net!r} is not a network: {exc}")
+    tokens = access.get("tokens")
+    for i, token in enumerate(tokens if isinstance(tokens, list) else []):
         path = ("access", "tokens", i)
-        if token and len(token) < MIN_TOKEN_CHARS:
-            issues.add(path, f"a token must be at least {MIN_TOKEN_CHARS} characters long")
+        if isinstance(token, str) and token and len(token) < MIN_TOKEN_CHARS:
+            issues.add_new(path, f"a token must be at least {MIN_TOKEN_CHARS} characters long")
         _token_issue(token, path, issues)
 
 
@@ -276,15 +297,15 @@ def _control_issues(node: Any, path: KeyPath, issues: _Issues) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if isinstance(key, str) and _CONTROL.search(key):
-                issues.add((*path, key), "the name holds a control character (a newline?)")
+                issues.add_new((*path, key), "the name holds a control character (a newline?)")
             elif key not in c.SECRET_KEYS:
                 _control_issues(value, (*path, key), issues)
     elif isinstance(node, list):
         for i, value in enumerate(node):
             _control_issues(value, (*path, i), issues)
     elif isinstance(node, str) and _CONTROL.search(node):
-        issues.add(path, f"{_short(node)} holds a control character (a newline from an "
-                         "environment variable?)")
+        issues.add_new(path, f"{_short(node)} holds a control character (a newline from an "
+                             "environment variable?)")
 
 
 def _ca_problem(path: Path) -> str | None:
@@ -302,7 +323,7 @@ def _ca_problem(path: Path) -> str | None:
 def _token_issue(token: Any, path: KeyPath, issues: _Issues) -> None:
     # A token ends up in a header: refuse anything that could split or smuggle one.
     if isinstance(token, str) and token and not set(token) <= _VISIBLE:
-        issues.add(path, "a token may only hold visible ASCII characters (no spaces or newlines)")
+        issues.add_new(path, "a token may only hold visible ASCII characters (no spaces or newlines)")
 
 
 def _url_problem(url: str) -> str | None:

@@ -417,6 +417,34 @@ def _clear_deployment_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def test_every_error_at_once_but_one_message_per_key(tmp_path: Path) -> None:
+    # A schema error used to hide the semantic ones until it was fixed: one more run of
+    # `runner-mw check` per mistake. A key the schema refused still gets one message only.
+    target = _write(tmp_path, "version: 1\nbackend: nope\nbackends:\n  docker:\n    kind: docker\n"
+                    "    url: htp://127.0.0.1:8085\n    ca_bundle: ca.pem\nupstream:\n  pool_size: 0\n"
+                    "access:\n  networks: [10.0.0.1/8, 7]\n  tokens: [short]\n", {"ca.pem": "no cert"})
+    with pytest.raises(ConfigError) as info:
+        load_config(target, env={})
+    assert [(i.line, i.path, i.message[:24]) for i in info.value.issues] == [
+        (2, "backend", "'nope' is not an entry o"),
+        (6, "backends.docker.url", "'htp://127.0.0.1:8085' i"),
+        (7, "backends.docker.ca_bundle", "CA bundle 'ca.pem' holds"),
+        (9, "upstream.pool_size", "0 is less than the minim"),
+        (11, "access.networks[0]", "'10.0.0.1/8' is not a ne"),
+        (11, "access.networks[1]", "7 is not of type 'string"),
+        (12, "access.tokens[0]", "a token must be at least"),
+    ]
+    assert sum(i.path == "backends.docker.url" for i in info.value.issues) == 1
+
+
+def test_semantic_checks_read_any_shape_the_schema_refused(tmp_path: Path) -> None:
+    shapes = ["backends: [a]\n", "backends: {d: 7}\n", "backends: {d: {url: 7, ca_bundle: [x]}}\n",
+              "access: 7\n", "access: {networks: 7, tokens: {a: b}}\n", "upstream: [1]\n", "backend: [x]\n"]
+    for shape in shapes:
+        with pytest.raises(ConfigError):  # never another exception
+            config_from_text("version: 1\n" + shape, env={})
+
+
 def test_a_value_from_the_environment_with_a_trailing_newline_is_refused() -> None:
     # Kubernetes configMapKeyRef/secretKeyRef values often end in one; as a Host header or an
     # asset prefix it would fail every request, long after the check said ok.
@@ -630,7 +658,8 @@ def test_config_from_mapping_reports_errors_without_lines() -> None:
         config_from_mapping(bad)
     issues = info.value.issues
     assert {(i.file, i.line) for i in issues} == {("<mapping>", None)}
-    assert {i.path for i in issues} == {"backends.docker.url", "timeouts.read_ms"}
+    # Every error at once: the schema's two and the entry that does not exist.
+    assert {i.path for i in issues} == {"backends.docker.url", "timeouts.read_ms", "backend"}
     assert "<mapping>: timeouts.read_ms: 1 is less than the minimum of 100" in str(info.value)
 
     with pytest.raises(ConfigError) as info:
