@@ -1,7 +1,8 @@
 """A runner in memory: every proxy's upstream connection replays nginx's recorded replies.
 
 Use it (``python -m bench.inprocess --runner memory``) to see what each proxy's own Python
-costs per request, with no syscall, no loopback TCP and no nginx sharing the CPUs: the
+costs per request, with no upstream syscall, no loopback TCP and no nginx sharing the CPUs
+(runner_mw's access lines still go to a stderr handler, here /dev/null): the
 figure that moves when the hot path changes, steadier than anything with sockets on a
 busy machine. ``replaying(replies)`` swaps ``socket.create_connection``, which runner_mw's
 pool, werkzeug's ``http.client`` and the Python floor all connect through.
@@ -20,7 +21,8 @@ from bench import lib
 
 
 def record(nginx: lib.Nginx, execute_body: bytes) -> dict[bytes, bytes]:
-    """nginx's raw replies to the two benchmark requests, by request method."""
+    """nginx's raw replies to the two benchmark requests, by request method (nginx frames
+    both with Content-Length)."""
     asset = f"GET {lib.ASSET_1K} HTTP/1.1\r\nHost: runner\r\n\r\n".encode()
     execute = (b"POST /v1/execute HTTP/1.1\r\nHost: runner\r\ncontent-type: application/json\r\n"
                b"content-length: %d\r\n\r\n%s" % (len(execute_body), execute_body))
@@ -30,14 +32,21 @@ def record(nginx: lib.Nginx, execute_body: bytes) -> dict[bytes, bytes]:
             sock.sendall(request)
             reply = b""
             while b"\r\n\r\n" not in reply:
-                reply += sock.recv(65536)
+                reply += _more(sock)
             head, _, body = reply.partition(b"\r\n\r\n")
             length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:")))
             while len(body) < length:
-                body += sock.recv(65536)
+                body += _more(sock)
         replies[method] = head + b"\r\n\r\n" + body
     return replies
+
+
+def _more(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise RuntimeError("nginx closed the connection before its reply was whole")
+    return data
 
 
 class MemorySocket:

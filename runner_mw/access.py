@@ -106,22 +106,36 @@ def _warn_proxy_in_front(peer: str) -> None:
                 "'Behind a reverse proxy'). Logged once per process.", peer, peer)
 
 
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 def config_warnings(access: Access) -> list[str]:
     """What a valid ``access`` section still gets a warning for (``runner-mw check`` prints
-    them, every load logs them): with ``trusted_proxies`` set, a loopback network in
-    ``networks`` that is not a trusted proxy. Behind a proxy no real client has a loopback
-    address, but one behind a proxy that passes its own ``X-Forwarded-For`` through can
-    claim it (the README asks for a proxy that appends or overwrites the header)."""
+    them, every load logs them): with ``trusted_proxies`` set, loopback addresses in
+    ``networks`` that are not trusted proxies. Behind a proxy no real client has one, but a
+    client can claim one through a proxy that passes its own ``X-Forwarded-For`` through
+    (the README asks for a proxy that appends or overwrites), and so can any host inside
+    ``trusted_proxies``."""
     if not access.trusted_proxies:
         return []
-    return [
-        f"access.networks: {net} is loopback but not a trusted proxy: a client behind a proxy "
-        "that passes X-Forwarded-For through could claim it; remove it, or make sure the "
-        "proxy appends to the header or overwrites it"
-        for net in access.networks
-        if net.is_loopback and not any(net.network_address in proxy and net.broadcast_address in proxy
-                                       for proxy in access.trusted_proxies)
-    ]
+    trusted = list(ipaddress.collapse_addresses(
+        [n for n in access.trusted_proxies if n.version == 4])) + list(ipaddress.collapse_addresses(
+        [n for n in access.trusted_proxies if n.version == 6]))
+    warnings = []
+    for net in access.networks:
+        for loop in _LOOPBACK:
+            if net.version != loop.version or not net.overlaps(loop):
+                continue
+            claimable = net if net.prefixlen >= loop.prefixlen else loop  # the loopback part
+            if not any(claimable.version == t.version and claimable.subnet_of(t)  # type: ignore[arg-type]
+                       for t in trusted):
+                warnings.append(
+                    f"access.networks: {net} holds loopback addresses that are not trusted proxies: "
+                    "no real client behind a proxy has one, but a client can claim one through a "
+                    "proxy that passes X-Forwarded-For through, and so can any host inside "
+                    "trusted_proxies; remove it, or make sure the proxy appends to the header or "
+                    "overwrites it and trusted_proxies holds the proxies alone")
+    return warnings
 
 
 def bearer_token(environ: Mapping[str, Any]) -> str | None:

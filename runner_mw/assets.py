@@ -51,7 +51,7 @@ class StreamedBody:
             for chunk in self._upstream.chunks:
                 if chunk:
                     yield chunk
-        except UpstreamError:
+        except Exception:  # an UpstreamError from ours; anything from a plugin's stream
             # The runner broke off mid-body. Re-raising makes the server abort the
             # connection: the client sees a broken transfer, never a short body that looks whole.
             log.warning("upstream asset body broken off")
@@ -60,10 +60,13 @@ class StreamedBody:
         self._complete = True
 
     def close(self) -> None:
+        # A server may stop asking once Content-Length bytes are out (PEP 3333 allows it):
+        # the body was whole even though the iterator was not run to its end.
+        complete = self._complete or (not self._broken and self._upstream.complete())
         try:
             self._upstream.close()
         finally:
-            self._done(self._status if self._complete else 502 if self._broken else CLIENT_CLOSED)
+            self._done(self._status if complete else 502 if self._broken else CLIENT_CLOSED)
 
 
 def handle_asset(

@@ -24,7 +24,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from runner_mw import config as c
-from runner_mw.backends.registry import broken_kinds, known_kinds
+from runner_mw.backends.registry import BUILTIN_KINDS, broken_kinds, known_kinds
 from runner_mw.errors import ConfigError, ConfigIssue
 from runner_mw.interpolate import interpolate_scalar, resolve_files
 from runner_mw.schema import main_schema
@@ -251,14 +251,19 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> N
     if backends and isinstance(backend, str) and backend not in backends:
         issues.add_new(("backend",), f"{backend!r} is not an entry of backends "
                        f"(entries: {', '.join(sorted(map(str, backends)))})")
-    _control_issues(data, (), issues)
+    _control_issues({k: v for k, v in data.items() if k != "backends"}, (), issues)
     for name, entry in backends.items():
         if not isinstance(entry, dict):
             continue
+        # A plugin's own options are its schema's business (a PEM may span lines, and a
+        # secret of its own is not known to be one): only the keys every kind shares.
+        shared = entry if entry.get("kind") in BUILTIN_KINDS else {
+            k: v for k, v in entry.items() if k in ("kind", "url", "public_base", "host")}
+        _control_issues(shared, ("backends", name), issues)
         for key in ("url", "public_base"):
             value = entry.get(key)
             if isinstance(value, str) and value.startswith("http"):
-                problem = _url_problem(value)
+                problem = _url_problem(value, request_line=key == "url")
                 if problem:
                     issues.add_new(("backends", name, key), f"{value!r} {problem}")
         ca = entry.get("ca_bundle")
@@ -304,7 +309,8 @@ def _control_issues(node: Any, path: KeyPath, issues: _Issues) -> None:
         for i, value in enumerate(node):
             _control_issues(value, (*path, i), issues)
     elif isinstance(node, str) and _CONTROL.search(node):
-        issues.add_new(path, f"{_short(node)} holds a control character (a newline from an "
+        # The value is not shown: it may be a secret of a kind we cannot tell.
+        issues.add_new(path, "the value holds a control character (a newline from an "
                              "environment variable?)")
 
 
@@ -315,8 +321,10 @@ def _ca_problem(path: Path) -> str | None:
         return "is not a readable file"
     try:
         ssl.create_default_context(cafile=str(path))
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        return f"holds no usable PEM certificate ({getattr(exc, 'reason', None) or exc})"
+    except ssl.SSLError as exc:
+        return f"holds no usable PEM certificate ({exc.reason or exc})"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
     return None
 
 
@@ -326,7 +334,7 @@ def _token_issue(token: Any, path: KeyPath, issues: _Issues) -> None:
         issues.add_new(path, "a token may only hold visible ASCII characters (no spaces or newlines)")
 
 
-def _url_problem(url: str) -> str | None:
+def _url_problem(url: str, *, request_line: bool = False) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -334,8 +342,8 @@ def _url_problem(url: str) -> str | None:
         return f"is not a valid URL: {exc}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "is not an http(s) URL with a host"
-    if not url.isascii():  # it goes into request lines (control characters: _control_issues)
-        return "must be ASCII (percent-encode the path)"
+    if request_line and not url.isascii():  # (control characters: _control_issues)
+        return "must be ASCII: it goes into request lines (percent-encode the path, punycode the host)"
     if parts.port == 0:
         return "names port 0"
     if parts.username is not None or parts.query or parts.fragment:

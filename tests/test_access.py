@@ -118,7 +118,10 @@ def test_a_trusted_proxy_that_names_no_client_or_only_proxies_opens_nothing() ->
     (None, ("10.0.0.7/32",), ["127.0.0.1/32", "::1/128"]),  # a proxy on another host
     (None, ("127.0.0.0/8", "::1/128"), []),  # every loopback caller is a proxy: claims fail
     (("10.0.0.0/8",), ("10.0.0.7/32",), []),  # a deliberate network, not loopback
-], ids=["no-proxy", "v4-proxy", "remote-proxy", "all-loopback-trusted", "office-network"])
+    (("::/127", "126.0.0.0/7"), ("10.0.0.7/32",), ["::/127", "126.0.0.0/7"]),  # loopback inside
+    (("127.0.0.0/8",), ("127.0.0.0/9", "127.128.0.0/9"), []),  # trusted together, not one by one
+], ids=["no-proxy", "v4-proxy", "remote-proxy", "all-loopback-trusted", "office-network",
+        "wider-than-loopback", "trusted-in-halves"])
 def test_config_warnings_name_the_loopback_networks_a_client_could_claim(
         networks: tuple[str, ...] | None, trusted: tuple[str, ...], claimable: list[str]) -> None:
     warnings = config_warnings(access(networks, trusted=trusted))

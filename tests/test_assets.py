@@ -46,6 +46,8 @@ from standin import (
 )
 
 from runner_mw import RunnerMiddleware
+from runner_mw.assets import StreamedBody
+from runner_mw.backends.base import AssetResponse
 from runner_mw.devrunner import SAMPLE_BUNDLES
 from runner_mw.devrunner.app import IMMUTABLE
 
@@ -269,6 +271,31 @@ def test_a_small_asset_frees_its_connection_before_the_body_is_sent(gateway: Gat
     finally:
         body.close()  # type: ignore[attr-defined]
     assert snap.inflight == 0
+
+
+def _streamed(chunks: Any, complete: Any = lambda: False) -> tuple[StreamedBody, list[int]]:
+    logged: list[int] = []
+    return StreamedBody(AssetResponse(200, [], chunks, complete=complete), logged.append, 200), logged
+
+
+def test_a_streamed_body_is_logged_as_what_became_of_it() -> None:
+    def broken() -> Any:
+        yield b"a"
+        raise ConnectionResetError("a plugin's stream, not an UpstreamError")
+
+    body, logged = _streamed(broken())
+    with pytest.raises(ConnectionResetError):
+        list(body)
+    body.close()
+    assert logged == [502]  # the runner's side failed, whatever the exception
+    body, logged = _streamed(iter([b"a", b"b"]))
+    assert next(iter(body)) == b"a"
+    body.close()  # the server stopped asking: the client left
+    assert logged == [499]
+    body, logged = _streamed(iter([b"a"]), complete=lambda: True)
+    assert next(iter(body)) == b"a"
+    body.close()  # stopped at Content-Length (PEP 3333 allows it): the body was whole
+    assert logged == [200]
 
 
 def access_statuses(caplog: pytest.LogCaptureFixture, rid: str) -> list[str]:

@@ -92,7 +92,7 @@ def test_check_warns_about_claimable_loopback_but_still_passes(
     out, err = capsys.readouterr()
     assert out.startswith(f"{target}: ok")
     (line,) = err.splitlines()
-    assert line.startswith(f"runner-mw: {target}: warning: access.networks: ::1/128 is loopback")
+    assert line.startswith(f"runner-mw: {target}: warning: access.networks: ::1/128 holds loopback")
     assert main(["check", "--json", str(target)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True

@@ -24,6 +24,7 @@ import yaml
 from requires import missing
 
 from runner_mw import load_config
+from runner_mw.access import config_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.runner-dev.yml"
@@ -228,6 +229,9 @@ def test_knative_gateway_mounts_config_and_secret(tmp_path: Path) -> None:
     config = load_config(tmp_path / "runner.yaml", env={})
     assert config.active.kind == "knative"
     assert config.active.service_token == secret["stringData"]["service-token"]
+    # Any pod can reach the gateway: the token opens /v1/execute, no address does.
+    assert config.access.networks == () and config.access.tokens
+    assert config_warnings(config.access) == []
     host = urlsplit(config.active.url).hostname or ""
     meta = runner["metadata"]
     assert host.startswith(f"{meta['name']}.{meta.get('namespace', 'default')}.svc")

@@ -20,6 +20,7 @@ import pytest
 
 from runner_mw import config as c
 from runner_mw import loader
+from runner_mw.access import config_warnings
 from runner_mw.errors import ConfigError, ConfigIssue
 from runner_mw.loader import MAX_CONFIG_BYTES, config_from_mapping, config_from_text, load_config
 from runner_mw.schema import main_schema
@@ -203,7 +204,7 @@ CASES: list[Any] = [
     ("url-trailing-newline", with_url('"http://127.0.0.1:8085/base\\n"'),
      [(6, "backends.docker.url", "holds a control character")]),
     ("url-not-ascii", with_url("http://127.0.0.1:8085/café"),
-     [(6, "backends.docker.url", "must be ASCII (percent-encode the path)")]),
+     [(6, "backends.docker.url", "must be ASCII: it goes into request lines (percent-encode")]),
     ("url-port-zero", with_url("http://127.0.0.1:0"),
      [(6, "backends.docker.url", "'http://127.0.0.1:0' names port 0")]),
     # --- access
@@ -445,6 +446,11 @@ def test_semantic_checks_read_any_shape_the_schema_refused(tmp_path: Path) -> No
             config_from_text("version: 1\n" + shape, env={})
 
 
+def test_a_public_base_is_for_browsers_and_may_name_an_international_host() -> None:
+    cfg = config_from_text(BASE + "    public_base: https://bücher.example/ext\n", env={})
+    assert cfg.active.public_base == "https://bücher.example/ext"
+
+
 def test_a_value_from_the_environment_with_a_trailing_newline_is_refused() -> None:
     # Kubernetes configMapKeyRef/secretKeyRef values often end in one; as a Host header or an
     # asset prefix it would fail every request, long after the check said ok.
@@ -540,7 +546,10 @@ def test_knative_example_loads_with_secret_files(tmp_path: Path, monkeypatch: py
     assert active.retry == c.Retry(attempts=4, budget_ms=15000, backoff_ms=200)
     assert active.pool_size == 32
     assert cfg.access.tokens == ("gw-abcdefghijklmnopqrstu",)
-    assert cfg.access.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
+    # In a cluster any pod reaches the app: no address is let in by itself, only the token
+    # (a pod network trusted as proxies could name any client address, loopback included).
+    assert cfg.access.networks == () and cfg.access.trusted_proxies == ()
+    assert config_warnings(cfg.access) == []
     assert cfg.log_format == "json"
     # Per-backend timeouts merge with the shared ones: connect from the entry, read shared.
     assert cfg.timeouts == c.Timeouts(connect_ms=2000, read_ms=30000)

@@ -19,6 +19,9 @@ GOOD_SCHEMA = ("{'type': 'object', 'required': ['kind', 'url'], 'additionalPrope
 PLUGINS = {
     "working": f"class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
                f"        return {GOOD_SCHEMA.replace('KIND', 'working')}\n",
+    "pem": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+           "        return {'type': 'object', 'properties': {'kind': {'const': 'pem'}, 'url': {},"
+           " 'client_pem': {'type': 'string'}, 'api_key': {'type': 'string'}}}\n",
     "typo": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
             "        return {'type': 'objekt'}\n",
     "raises": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
@@ -65,6 +68,21 @@ def test_a_working_plugin_is_a_kind_and_validates_its_entries() -> None:
     assert config_from_text(config("working"), env={}).active.kind == "working"
     with pytest.raises(ConfigError, match="unknown key 'extra'"):
         config_from_text(config("working") + "    extra: 1\n", env={})
+
+
+@pytest.mark.usefixtures("plugins")
+def test_a_plugins_own_options_are_its_schemas_business() -> None:
+    # A PEM spans lines; the plugin's options are checked by its schema alone, and the
+    # shared keys are still checked, without showing a value (it may be the plugin's secret).
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    text = config("pem") + "    client_pem: ${PEM}\n    api_key: ${KEY}\n"
+    cfg = config_from_text(text, env={"PEM": pem, "KEY": "sk-secret-value-0123\n"})
+    assert cfg.active.options["client_pem"] == pem
+    with pytest.raises(ConfigError) as info:
+        config_from_text(text.replace("kind: pem\n    url: http://127.0.0.1:9", "kind: pem\n    url: ${URL}"),
+                         env={"PEM": pem, "KEY": "k", "URL": "http://127.0.0.1:9/sk-secret\n"})
+    assert [i.path for i in info.value.issues] == ["backends.p.url"]
+    assert "sk-secret" not in str(info.value)
 
 
 @pytest.mark.usefixtures("plugins")

@@ -283,7 +283,7 @@ def test_a_config_a_client_could_claim_access_in_is_warned_about_when_put_in_pla
 
     def warnings() -> list[str]:
         lines = [r.getMessage() for r in caplog.records]
-        return [line for line in lines if "is loopback but not a trusted proxy" in line]
+        return [line for line in lines if "holds loopback addresses that are not trusted" in line]
 
     store = SnapshotStore(config(), build=builds)
     assert warnings() == []

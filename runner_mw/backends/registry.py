@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runner_mw")
 ENTRY_POINT_GROUP = "runner_mw.backends"
+BUILTIN_KINDS = ("docker", "knative")  # their settings are the main schema's (a plugin's are its own)
 
 
 def _builtin() -> dict[str, type[RunnerBackend]]:
