@@ -26,12 +26,11 @@ WORKDIR /app
 COPY config ./config
 COPY examples ./examples
 
-# Not root. The control socket of recent gunicorn versions goes to $XDG_RUNTIME_DIR.
+# Not root.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent gateway
 USER 10001
 ENV RUNNER_MW_CONFIG=/app/config/runner.yaml \
-    RUNNER_MW_BIND=0.0.0.0:8000 \
-    XDG_RUNTIME_DIR=/tmp
+    RUNNER_MW_BIND=0.0.0.0:8000
 
 EXPOSE 8000
 

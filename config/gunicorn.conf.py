@@ -23,7 +23,7 @@ threads = 4
 # Above the slowest upstream call the config allows (connect + read deadline, plus the retry
 # budget of a retrying backend), with headroom: 45 s for 2 s + 30 s, 58 s for the shipped
 # runner.yaml (its knative entry may retry for 10 s more); 45 s when the file cannot be read.
-# Computed once at start: after a HUP that raises a deadline, restart (USR2) to follow it.
+# Computed once at start: after a HUP that raises a deadline, restart to follow it.
 timeout = worker_timeout()
 # On TERM / a restart, let a request in flight finish its upstream call.
 graceful_timeout = timeout
@@ -32,7 +32,7 @@ graceful_timeout = timeout
 # a fork, and a worker booting after a HUP (max_requests, a crash) starts from the config the
 # master validated last. Turn it on to save memory and boot time with a big app (copy-on-write):
 # runner_mw supports it (no thread or connection is made before the fork), but a broken file at
-# the first start then fails while importing the app, and code changes need USR2 in any case.
+# the first start then fails while importing the app, and code changes need a restart in any case.
 preload_app = False
 
 # gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl):

@@ -200,7 +200,11 @@ def demo() -> int:
             names[gunicorn.pid] = f"gunicorn ({host}:{port})"
             problem = wait_until(f"{base}/runner/-/healthz", procs, names, stop)
         if problem is None and not stop.is_set():
-            print(f"\n  runner_mw demo: open {base}/   (Ctrl-C stops it)\n", flush=True)
+            config = Path(env["RUNNER_MW_CONFIG"])
+            shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+            # The master's own PID: a pattern (pkill -f) could match another user's gunicorn.
+            print(f"\n  runner_mw demo: open {base}/   (Ctrl-C stops it)\n"
+                  f"  reload after editing {shown}: kill -HUP {gunicorn.pid}\n", flush=True)
             while not stop.wait(0.5):
                 problem = exited(procs, names)
                 if problem is not None:

@@ -286,6 +286,39 @@ def test_readme_demo_serves_and_stops_cleanly_twice(demo_env: dict[str, str], tm
                 assert wait_until(lambda p=p: port_is_free(p), T), f"port {p} still taken after {sig.name}"
 
 
+RELOAD_LINE = re.compile(r"reload after editing (\S+): kill -HUP (\d+)")
+
+
+def test_the_printed_reload_command_reloads_the_demo_in_place(demo_env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    # The README's reload, on a copy of the config (the repository's file stays as it is).
+    config = tmp_path / "runner.yaml"
+    config.write_text((ROOT / "config" / "runner.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    with demo({**demo_env, "RUNNER_MW_CONFIG": str(config)}, free_port(), free_port(), tmp_path) as run, \
+            requests.Session() as http:
+        http.trust_env = False
+        base = run.url()
+        assert wait_until(lambda: RELOAD_LINE.search("".join(run.stdout)), T), run.output()
+        match = RELOAD_LINE.search("".join(run.stdout))
+        assert match and match[1] == str(config), run.output()
+        master = int(match[2])
+
+        def generations() -> set[int]:  # a new connection each: both workers answer in time
+            return {http.get(urljoin(base, "/runner/-/status"), headers={"Connection": "close"},
+                             timeout=T).json()["generation"] for _ in range(8)}
+
+        assert generations() == {1}
+        servers = run.servers()
+        assert master in servers or not Path("/proc/self/stat").exists()
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace("read_ms: ${EXT_GATEWAY_TIMEOUT_MS:-30000}", "read_ms: 25000"),
+                          encoding="utf-8")
+        os.kill(master, signal.SIGHUP)
+        assert wait_until(lambda: generations() == {2}, T), run.output()
+        assert run.servers() == servers  # reloaded in place: no process restarted
+        assert run.proc.poll() is None
+
+
 def test_readme_demo_reports_a_taken_port(demo_env: dict[str, str], tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
