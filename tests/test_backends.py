@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -378,6 +379,26 @@ def test_tls_is_verified(kind: str, self_signed: tuple[Path, Path]) -> None:
         with running_gateway(kind, runner_url=url, backend={"ca_bundle": str(cert)}) as gw:
             assert gw.execute().status_code == 200
             assert gw.get(INDEX + "?tenant=t1").status_code == 200
+
+
+def test_an_unreachable_runner_says_why_to_the_operator_not_to_the_client(
+        kind: str, self_signed: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="runner_mw")
+    cert, key = self_signed
+    with tls_runner(cert, key) as tls_url:
+        for url, why in ((f"http://{HOST}:{closed_port()}", "connection refused"),
+                         (tls_url, "TLS certificate not verified")):
+            caplog.clear()
+            with running_gateway(kind, runner_url=url, backend={"retry": {"attempts": 1}}
+                                 if kind == "knative" else None) as gw:
+                for _ in range(3):
+                    resp = gw.execute()
+                    assert resp.status_code == 502 and resp.json()["error"] == "runner_unreachable"
+                    assert why.split()[0] not in resp.text.lower()  # the cause is not the client's
+                lines = [m for m in (r.getMessage() for r in caplog.records) if "cannot reach the runner" in m]
+                assert len(lines) == 1 and why.lower() in lines[0].lower(), lines  # once per 10 s
+                status = gw.get("/runner/-/status").json()
+                assert why.lower() in status["upstream"]["error"].lower(), status["upstream"]
 
 
 # -- ui_url ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and ``http.client`` (see that module). No cookie jar, no environment proxies, no
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import ssl
@@ -25,6 +26,8 @@ from runner_mw.errors import BadGateway, RunnerTimeout, UpstreamError
 from runner_mw.pid import current as current_pid
 
 HEALTH_CONNECT_S, HEALTH_READ_S = 1.0, 2.0
+REPORT_S = 10  # seconds between two "cannot reach the runner" lines of one backend
+log = logging.getLogger("runner_mw")
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _QUERY_SAFE = "!$&'()*+,;=:@/?-._~%"  # RFC 3986 query characters, and '%' of existing escapes
 _QUERY_PLAIN = re.compile(r"[A-Za-z0-9!$&'()*+,;=:@/?._~-]*")
@@ -69,6 +72,7 @@ class HTTPBackend(RunnerBackend):
             authority += f":{parts.port}"
         self._host = settings.host or authority
         self._lock = threading.Lock()
+        self._reported = -float(REPORT_S)  # when the last "cannot reach" line was logged
         self._pool: wire.Pool | None = None
         self._pool_pid = 0
 
@@ -115,12 +119,23 @@ class HTTPBackend(RunnerBackend):
         while True:
             try:
                 return wire.request(pool, method, data, read_s=read_s, total_s=total_s)
-            except wire.NotSent:
+            except wire.NotSent as exc:
                 if attempt >= retry.attempts or time.monotonic() + pause > deadline:
+                    self._report(exc)
                     raise
             attempt += 1
             time.sleep(pause)
             pause *= 2
+
+    def _report(self, exc: wire.NotSent) -> None:
+        # The client gets runner_unreachable and the access line 502; the cause (refused,
+        # DNS, TLS) is for the operator. At most one line per REPORT_S: an outage must not
+        # write one per request.
+        now = time.monotonic()
+        if now - self._reported >= REPORT_S:
+            self._reported = now
+            log.warning("runner_mw: backend %r cannot reach the runner: %s (at most one such "
+                        "line every %d s)", self.settings.name, exc, REPORT_S)
 
     def execute(self, body: bytes, headers: dict[str, str]) -> ExecuteReply:
         # read_ms is the total deadline of the reply, counted from when the request is sent
@@ -164,7 +179,8 @@ class HTTPBackend(RunnerBackend):
             finally:
                 probe.close()
         except Exception as exc:  # health never raises: it reports
-            return {"ok": False, "error": type(exc).__name__,
+            why = str(exc) if isinstance(exc, wire.NotSent) else ""  # the cause, ours to show
+            return {"ok": False, "error": f"{type(exc).__name__}: {why}" if why else type(exc).__name__,
                     "latency_ms": round((time.monotonic() - started) * 1000, 1)}
         return {"ok": resp.status == 200, "status": resp.status,
                 "latency_ms": round((time.monotonic() - started) * 1000, 1)}

@@ -211,7 +211,7 @@ class Pool:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_s)
         except OSError as exc:  # refused, unreachable, DNS failure, connect timeout
-            raise NotSent() from exc
+            raise NotSent(f"{self.host}:{self.port}: {_why(exc)}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
@@ -223,8 +223,22 @@ class Pool:
                 sock.settimeout(None)
         except OSError as exc:  # TLS refused, failed to verify or timed out: nothing was sent
             sock.close()
-            raise NotSent() from exc
+            raise NotSent(f"{self.host}:{self.port}: {_why(exc)}") from exc
         return sock
+
+
+def _why(exc: OSError) -> str:
+    """Why a connect failed, for the operator (a log line, the status page): the
+    client is told only ``runner_unreachable``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not verified ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or exc})"
+    if isinstance(exc, socket.gaierror):
+        return f"name not resolved ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "connect timed out"
+    return exc.strerror or type(exc).__name__
 
 
 class _Parse:
