@@ -395,7 +395,8 @@ def test_an_unreachable_runner_says_why_to_the_operator_not_to_the_client(
                     resp = gw.execute()
                     assert resp.status_code == 502 and resp.json()["error"] == "runner_unreachable"
                     assert why.split()[0] not in resp.text.lower()  # the cause is not the client's
-                lines = [m for m in (r.getMessage() for r in caplog.records) if "cannot reach the runner" in m]
+                messages = [r.getMessage() for r in caplog.records]
+                lines = [m for m in messages if "cannot reach the runner" in m]
                 assert len(lines) == 1 and why.lower() in lines[0].lower(), lines  # once per 10 s
                 status = gw.get("/runner/-/status").json()
                 assert why.lower() in status["upstream"]["error"].lower(), status["upstream"]
