@@ -133,11 +133,10 @@ class _Issues:
             self.items.append(issue)
 
     def add_new(self, path: KeyPath, message: str) -> None:
-        """``add``, unless ``path`` or a key above or below it has an issue already: one
-        message per mistake (a URL the schema refused needs no second one saying why)."""
+        """``add``, unless ``path`` has an issue already: one message per mistake (a URL the
+        schema refused needs no second one saying why; a missing key beside it is another)."""
         key = dotted(path)
-        if not any(i.path == key or i.path.startswith((key + ".", key + "[")) or
-                   key.startswith((i.path + ".", i.path + "[")) for i in self.items):
+        if not any(i.path == key for i in self.items):
             self.add(path, message)
 
     def line(self, path: KeyPath) -> int | None:

@@ -438,6 +438,17 @@ def test_every_error_at_once_but_one_message_per_key(tmp_path: Path) -> None:
     assert sum(i.path == "backends.docker.url" for i in info.value.issues) == 1
 
 
+def test_a_missing_key_does_not_hide_a_bad_one_beside_it(tmp_path: Path) -> None:
+    target = _write(tmp_path, "version: 1\nbackend: docker\nbackends:\n  docker:\n    kind: docker\n"
+                    "    ca_bundle: ca.pem\n", {"ca.pem": "no cert"})
+    with pytest.raises(ConfigError) as info:
+        load_config(target, env={})
+    assert [(i.path, i.message[:28]) for i in info.value.issues] == [
+        ("backends.docker", "missing required key 'url'"),
+        ("backends.docker.ca_bundle", "CA bundle 'ca.pem' holds no "),
+    ]
+
+
 def test_semantic_checks_read_any_shape_the_schema_refused(tmp_path: Path) -> None:
     shapes = ["backends: [a]\n", "backends: {d: 7}\n", "backends: {d: {url: 7, ca_bundle: [x]}}\n",
               "access: 7\n", "access: {networks: 7, tokens: {a: b}}\n", "upstream: [1]\n", "backend: [x]\n"]
