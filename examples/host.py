@@ -25,8 +25,12 @@ TENANT = os.environ.get("RUNNER_MW_DEMO_TENANT") or "demo-tenant"
 EXTENSION = os.environ.get("RUNNER_MW_DEMO_EXTENSION") or SAMPLE_EXTENSION_ID
 CONTENT_HASH = os.environ.get("RUNNER_MW_DEMO_CONTENT_HASH") or SAMPLE_CONTENT_HASH
 
-#: tenant -> {extension id: content hash of the installed version}. Demo data: your database.
-INSTALLS = {TENANT: {EXTENSION: CONTENT_HASH}}
+#: tenant -> {extension id: its install}. Demo data: your database. Everything the runner is
+#: told about an install comes from here, never from the browser.
+INSTALLS: dict[str, dict[str, dict[str, Any]]] = {
+    TENANT: {EXTENSION: {"content_hash": CONTENT_HASH, "install_id": f"{TENANT}/{EXTENSION}",
+                         "config": {}, "providers": []}},
+}
 
 
 def current_user(environ: Mapping[str, Any]) -> dict[str, str] | None:
@@ -36,7 +40,12 @@ def current_user(environ: Mapping[str, Any]) -> dict[str, str] | None:
 
 
 def bind_to_caller(environ: Mapping[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
-    """``execute_hook``: run the caller's tenant's install, whatever the browser sent."""
+    """``execute_hook``: run the caller's tenant's install, whatever the browser sent.
+
+    Every field this does not set reaches the runner as the browser wrote it: the extension's
+    request (``http``) is the browser's to choose; who runs it, which install with which
+    config and capabilities, and the resource limits are not.
+    """
     user = current_user(environ)
     if user is None:
         raise PermissionError("not signed in")  # the middleware answers 403
@@ -47,8 +56,14 @@ def bind_to_caller(environ: Mapping[str, Any], envelope: dict[str, Any]) -> dict
     extension = context.get("extension_id")
     if not isinstance(extension, str) or extension not in installed:
         raise PermissionError("extension not installed for this tenant")
-    context["tenant_id"] = user["tenant"]
-    context["content_hash"] = installed[extension]
+    install = installed[extension]
+    context.update(tenant_id=user["tenant"], content_hash=install["content_hash"],
+                   install_id=install["install_id"], config=dict(install["config"]))
+    envelope["providers"] = list(install["providers"])
+    envelope.pop("secret_envelope", None)  # an install's secrets are sealed server-side, if any
+    # The runner's own defaults for memory and fuel; the middleware bounds timeout_ms.
+    limits = envelope.get("limits")
+    envelope["limits"] = {"timeout_ms": limits.get("timeout_ms")} if isinstance(limits, dict) else {}
     envelope["user"] = {k: v for k, v in user.items() if k != "tenant"}
     return envelope
 
@@ -80,7 +95,8 @@ def page(environ: Mapping[str, Any], *, static_url: str, execute_url: str) -> st
     user = current_user(environ)
     if user is None:
         return "<!doctype html><p>Please sign in.</p>"
-    extension, content_hash = next(iter(INSTALLS[user["tenant"]].items()))
+    extension, install = next(iter(INSTALLS[user["tenant"]].items()))
+    content_hash = install["content_hash"]
     ui_url: Callable[..., str] = environ["runner_mw.ui_url"]  # added by RunnerMiddleware
     src = ui_url(extension, content_hash, path="/", tenant=user["tenant"])
     values = {"bridge": static_url + "/runner-bridge.js", "src": src, "extension": extension,

@@ -178,7 +178,7 @@ def read_body(environ: Mapping[str, Any], limit: int) -> bytes:
             raise _Refused(413, "payload_too_large")
         parts, got = [], 0
         while got < size:
-            chunk = stream.read(min(CHUNK, size - got))
+            chunk = _read(stream, min(CHUNK, size - got))
             if not chunk:
                 raise _Refused(400, "invalid_request", "body shorter than Content-Length")
             parts.append(chunk)
@@ -189,13 +189,26 @@ def read_body(environ: Mapping[str, Any], limit: int) -> bytes:
         return b""
     parts, got = [], 0
     while True:
-        chunk = stream.read(CHUNK)
+        # Never more than one byte past the limit per read: a server's reader blocks until it
+        # has what was asked for, and a body over the limit must be refused once it is.
+        chunk = _read(stream, min(CHUNK, limit - got + 1))
         if not chunk:
             return b"".join(parts)
         got += len(chunk)
         if got > limit:
             raise _Refused(413, "payload_too_large")
         parts.append(chunk)
+
+
+def _read(stream: Any, size: int) -> bytes:
+    """``stream.read(size)``; a body the server cannot read (a bad chunk size, a client that
+    left mid-body: gunicorn raises IOError or ValueError, werkzeug its own) is the client's 400."""
+    try:
+        data: bytes = stream.read(size)
+    except Exception as exc:
+        log.info("request body unreadable: %s", type(exc).__name__)
+        raise _Refused(400, "invalid_request", "request body malformed or incomplete") from None
+    return data
 
 
 def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, bytes]:
@@ -211,9 +224,16 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
         raise _Refused(502, "bad_gateway") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("status"), int):
         raise _Refused(502, "bad_gateway")
+    if expose_errors:
+        return 200, body
     err = reply.get("error")
-    if not expose_errors and isinstance(err, str) and ":" in err:
+    text = isinstance(err, str) and ":" in err
+    # The runner's bytes go out as they came unless they may hold error text: a detail after
+    # the code, or an "error" key written twice (JSON keeps the last, the bytes keep both) or
+    # spelled with escapes. Else the reply is written anew from what was parsed.
+    if not text and body.count(b'"error"') <= 1 and b"\\u" not in body:
+        return 200, body
+    if isinstance(err, str) and text:
         # Runner error text can reveal paths and internals; its code is enough for callers.
         reply["error"] = err.split(":", 1)[0].strip()
-        return 200, compact_json(reply)
-    return 200, body
+    return 200, compact_json(reply)

@@ -88,6 +88,11 @@ def worker_timeout(path: str | None = None, *, default: int = 45) -> int:
         config = load_config(path or config_path())
     except ConfigError:
         return default
+    return timeout_for(config)
+
+
+def timeout_for(config: Config) -> int:
+    """``worker_timeout`` of a loaded config."""
     longest_ms = 0
     for backend in config.backends.values():
         ms = backend.timeouts.connect_ms + backend.timeouts.read_ms
@@ -95,6 +100,19 @@ def worker_timeout(path: str | None = None, *, default: int = 45) -> int:
             ms += backend.retry.budget_ms
         longest_ms = max(longest_ms, ms)
     return math.ceil(longest_ms / 1000 * 1.25) + 5
+
+
+def _raise_timeouts(server: Any, config: Config) -> None:
+    """gunicorn reads its config file before it applies ``-e``/``raw_env`` and ``--chdir``,
+    so ``worker_timeout()`` there may have read other deadlines (or another file) than the
+    master validated since: raise ``timeout`` and ``graceful_timeout`` to this config's."""
+    needed = timeout_for(config)
+    for name in ("timeout", "graceful_timeout"):
+        if getattr(server.cfg, name) < needed:
+            server.log.info("runner_mw: %s raised from %s s to %d s, above the deadlines of %s",
+                            name, getattr(server.cfg, name), needed, config.source)
+            server.cfg.set(name, needed)
+    server.timeout = server.cfg.timeout  # the arbiter's copy, read when it checks on workers
 
 
 # --------------------------------------------------------------------------- hooks
@@ -111,6 +129,8 @@ def on_starting(server: Any) -> None:
             os.chown(state_dir, *owner)
         master = _Master(server, path, os.path.join(state_dir, STATE_NAME), owner)
         master.first_load()
+        assert master.good is not None
+        _raise_timeouts(server, master.good)
     except BaseException as exc:
         shutil.rmtree(state_dir, ignore_errors=True)
         if getattr(server, "pidfile", None) is not None:
@@ -233,7 +253,7 @@ class _Master:
     def reload(self) -> None:
         """One attempt: validate the file; publish the new config, or the error."""
         try:
-            config = load_config(self.path)
+            config = load_config(self.path, settle=True)
             self._trial_build(config)
         except Exception as exc:
             # ConfigError says FILE:LINE: key: problem; anything else is still only a failed attempt.
@@ -439,9 +459,10 @@ class _Poller:
                          "error": f"worker {os.getpid()} could not rebuild generation "
                                   f"{state['generation']}: {exc}"}
                 config = self.config
+        seen_before = self.state is not None  # else a booting worker takes over the master's word
         self.state, self.config = state, config
         for mw in live_middlewares():
-            self._apply(mw)
+            self._apply(mw, count=seen_before)
         self._log().debug("runner_mw: worker %d on generation %d (seq %d, ok=%s)", os.getpid(),
                           state["generation"], state["seq"], state["ok"])
 
@@ -450,9 +471,11 @@ class _Poller:
             if self.state is None:
                 self.refresh()
             else:
-                self._apply(middleware)
+                self._apply(middleware, count=False)
 
-    def _apply(self, mw: Any) -> None:
+    def _apply(self, mw: Any, *, count: bool) -> None:
+        """Bring ``mw`` to the published state; ``count``: a failed attempt this worker saw
+        happen (a worker booting after it, or a middleware made later, did not)."""
         state, config = self.state, self.config
         store = getattr(mw, "store", None)
         if state is None or config is None or store is None or not _same_file(store.path, state["source"]):
@@ -461,9 +484,9 @@ class _Poller:
             current = store.current
             behind = (current.config.sha256, current.generation) != (config.sha256, state["generation"])
             if behind or (state["ok"] and not store.last_reload.ok):  # the latter clears an error
-                store.apply(config, generation=state["generation"])
+                store.apply(config, generation=state["generation"], at=state["at"])
             if not state["ok"]:
-                store.mark_failed(state["error"], at=state["at"])
+                store.mark_failed(state["error"], at=state["at"], count=count)
         except Exception:
             self._log().exception("runner_mw: applying generation %d failed", state["generation"])
 

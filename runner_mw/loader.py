@@ -14,6 +14,7 @@ import json
 import os
 import re
 import ssl
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -43,12 +44,15 @@ _VISIBLE = frozenset(chr(i) for i in range(0x21, 0x7F))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> c.Config:
-    """Read, interpolate and validate one YAML file. Raises ``ConfigError``."""
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
+                settle: bool = False) -> c.Config:
+    """Read, interpolate and validate one YAML file. Raises ``ConfigError``.
+
+    ``settle``: a reload's read, which waits until the file has been still for ``SETTLE_S``.
+    """
     file = os.fspath(path)
     try:
-        with open(file, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        raw = _read_settled(file, settle)
     except OSError as exc:
         raise ConfigError([ConfigIssue(file, None, "", f"cannot read file: {exc.strerror or exc}")]) from None
     if len(raw) > MAX_CONFIG_BYTES:
@@ -60,6 +64,34 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError([ConfigIssue(file, None, "", problem)]) from None
     return config_from_text(text, file=file, base_dir=config_dir(file), env=env,
                             sha256=hashlib.sha256(raw).hexdigest())
+
+
+#: A file changed this recently may still be being written: it is read once it has been
+#: still this long. A HUP sent by a watcher on every write would otherwise apply whatever
+#: prefix was on disk (``read_ms: 300`` of ``read_ms: 30000``) whenever it happens to parse.
+SETTLE_S = 0.2
+_READ_ATTEMPTS = 10
+
+
+def _read_settled(file: str, settle: bool) -> bytes:
+    """The file's bytes, once (with ``settle``) it has not changed for ``SETTLE_S``, and as
+    they were throughout the read (size, mtime and inode the same before and after). Raises
+    ``OSError``; one that keeps changing is a ``ConfigError`` (the last good config stays)."""
+    for _ in range(_READ_ATTEMPTS):
+        before = os.stat(file)
+        age = time.time() - before.st_mtime
+        if settle and 0 <= age < SETTLE_S:  # (a future mtime, a clock apart, is not waited for)
+            time.sleep(SETTLE_S - age)
+            continue
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+            after = os.fstat(fh.fileno())
+        now = os.stat(file)
+        same = {(st.st_size, st.st_mtime_ns, st.st_ino) for st in (before, after, now)}
+        if len(same) == 1:
+            return raw
+    raise ConfigError([ConfigIssue(file, None, "", "the file kept changing while it was read; "
+                                   "write it elsewhere and rename it into place")])
 
 
 def config_dir(file: str) -> Path:
@@ -114,7 +146,9 @@ def config_from_mapping(
                                        f"{_type_name(data)}")])
     plain = _plain(data)
     digest = sha256 or hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
-    # A worker rebuilding its master's config takes the master's digest as it is.
+    # A worker rebuilding its master's config takes the master's digest as it is, and not
+    # the files' word for it again: a CA bundle rotated (or broken) since the master checked
+    # it must not stop a worker from booting (its TLS then fails, a 502, until a reload).
     return _validate(plain, source, {}, base_dir or Path.cwd(), digest, files_in_digest=sha256 is None)
 
 
@@ -158,7 +192,7 @@ def _validate(data: dict[str, Any], file: str, lines: dict[KeyPath, int], base_d
     backends = data.get("backends")
     if isinstance(backends, dict):
         _backend_issues(backends, issues)
-    _semantic_issues(data, base_dir, issues)
+    _semantic_issues(data, base_dir, issues, check_files=files_in_digest)
     if not issues.items and files_in_digest:
         sha256 = _digest_with_files(sha256, read, data, base_dir, issues)
     if issues.items:
@@ -240,7 +274,7 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
                        f"is broken: {type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}")
 
 
-def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> None:
+def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues, *, check_files: bool) -> None:
     """What the schema cannot say. Run on a file with schema errors too (every error at
     once, as ``check`` promises), so each test takes only the shapes it can read, and a
     key the schema already refused gets no second message (``_Issues.add_new``)."""
@@ -266,7 +300,7 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues) -> N
                 if problem:
                     issues.add_new(("backends", name, key), f"{value!r} {problem}")
         ca = entry.get("ca_bundle")
-        if isinstance(ca, str):
+        if isinstance(ca, str) and check_files:
             problem = _ca_problem(_resolve(ca, base_dir))
             if problem:
                 issues.add_new(("backends", name, "ca_bundle"), f"CA bundle {ca!r} {problem}")

@@ -116,7 +116,7 @@ class SnapshotStore:
         if self.path is None:
             raise RuntimeError("this store was built from a mapping: use apply()")
         try:
-            config = load_config(self.path)
+            config = load_config(self.path, settle=True)
         except ConfigError as exc:
             return self.fail(str(exc))
         except Exception as exc:  # a bug (ours, a plugin's): still a failed reload, never a raise
@@ -124,19 +124,22 @@ class SnapshotStore:
             return self.fail(f"{type(exc).__name__}: {exc}")
         return self.apply(config)
 
-    def apply(self, config: Config, generation: int | None = None) -> ReloadOutcome:
+    def apply(self, config: Config, generation: int | None = None, *,
+              at: float | None = None) -> ReloadOutcome:
         """Swap to ``config`` (a no-op when its source is unchanged).
 
-        ``generation`` is the number a gunicorn master gave this config. The same source
-        under a newer number (a worker booting from the master's state, or A -> B -> A seen
-        only as A) keeps the snapshot and its backend and only takes the new number.
+        ``generation`` is the number a gunicorn master gave this config, ``at`` when it did
+        (every worker then reports the same time). The same source under a newer number (a
+        worker booting from the master's state, or A -> B -> A seen only as A) keeps the
+        snapshot and its backend and only takes the new number.
         """
         with self._lock:
             old = self.current
             if config.sha256 == old.config.sha256:
                 if generation is not None and generation != old.generation:
                     old.generation = generation  # the one field a snapshot may change: its label
-                outcome = ReloadOutcome(ok=True, at=time.time(), generation=old.generation)
+                outcome = ReloadOutcome(ok=True, at=time.time() if at is None else at,
+                                        generation=old.generation)
                 self.last_reload = outcome
                 log.info("reload result=unchanged generation=%d", old.generation)
                 return outcome
@@ -149,7 +152,8 @@ class SnapshotStore:
             snapshot = Snapshot(config, backend, new_gen)
             self.current = snapshot  # one attribute store: atomic for readers
             changed = changes(old.config, config)
-            outcome = ReloadOutcome(ok=True, at=snapshot.loaded_at, generation=new_gen, changed=changed)
+            outcome = ReloadOutcome(ok=True, at=snapshot.loaded_at if at is None else at,
+                                    generation=new_gen, changed=changed)
             self.last_reload = outcome
         grace = (old.config.active.timeouts.connect_ms + old.config.active.timeouts.read_ms) / 1000 + 5
         old.retire(grace)
@@ -164,14 +168,16 @@ class SnapshotStore:
         with self._lock:
             return self._fail_locked(error)
 
-    def mark_failed(self, error: str, *, at: float | None = None) -> ReloadOutcome:
+    def mark_failed(self, error: str, *, at: float | None = None, count: bool = True) -> ReloadOutcome:
         """Record a failed attempt decided and logged elsewhere (a gunicorn master): the
-        snapshot stays, ``last_reload`` shows the error; logged here at debug level only."""
+        snapshot stays, ``last_reload`` shows the error; logged here at debug level only.
+        ``count=False``: a worker taking over an outcome it did not see happen (at boot)."""
         with self._lock:
             outcome = ReloadOutcome(ok=False, at=time.time() if at is None else at,
                                     generation=self.current.generation, error=error)
             self.last_reload = outcome
-        metrics.reloaded(False, outcome.generation)
+        if count:
+            metrics.reloaded(False, outcome.generation)
         log.debug("reload result=failed (decided by the master) generation=%d", outcome.generation)
         return outcome
 

@@ -390,6 +390,19 @@ def test_runner_error_text_is_reduced_to_its_code(gateway: Gateway, error: str |
     assert "secret" not in resp.text and "internal-bucket" not in resp.text
 
 
+@pytest.mark.parametrize("reply", [
+    b'{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":"execute_failed"}',
+    b'{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":null}',
+    b'{"status":500,"\\u0065rror":"execute_failed: /var/lib/runner/secret.wasm trap"}',
+], ids=["duplicate", "duplicate-null", "escaped-key"])
+def test_runner_error_text_cannot_hide_in_the_replys_bytes(gateway: Gateway, reply: bytes) -> None:
+    # JSON keeps a duplicate key's last value: the bytes passed through would keep the first.
+    gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)
+    resp = gateway.execute()
+    assert resp.status_code == 200 and "/var/lib" not in resp.text, resp.text
+    assert resp.json()["status"] == 500
+
+
 def test_trusted_callers_see_the_runner_error_text(kind: str) -> None:
     text = "execute_failed: wasm trap at /srv/x.wasm"
     with running_gateway(kind, routes={"expose_runner_errors": True}) as gw:
@@ -493,6 +506,27 @@ def test_chunked_bodies_are_read_and_capped(kind: str, server: str) -> None:
         over = gw.request("POST", "/v1/execute", data=chunks(padded(2600)), headers=JSON)
         assert_gateway_error(over, 413, "payload_too_large")
         assert len(gw.runner.received) == 1
+
+
+def test_a_chunked_body_over_the_limit_is_refused_once_it_is_over(kind: str) -> None:
+    # One chunk past max_body_bytes, the connection left open: the server's reader must not
+    # be asked for more than the limit allows (it would wait for 64 KiB that never come).
+    with running_gateway(kind, limits=SMALL_LIMIT) as gw, \
+            socket.create_connection((HOST, gw.port), timeout=10) as sock:
+        over = SMALL_LIMIT["max_body_bytes"] + 500
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % over + b"{" * over)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+        assert gw.runner.received == []
+
+
+def test_a_malformed_chunked_body_is_a_400(kind: str) -> None:
+    with running_gateway(kind) as gw, socket.create_connection((HOST, gw.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n")
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 400"), head[:200]
+        assert gw.runner.received == []
 
 
 def test_a_body_shorter_than_its_content_length_is_refused(kind: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import json
 import os
 import re
 import signal
@@ -375,6 +377,29 @@ def test_preload_app_builds_in_the_master_and_workers_still_follow(
         assert server.workers() == pids
 
 
+def _reply(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole reply: status and body (gunicorn writes the head and the body apart)."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, resp.read()
+
+
+def test_a_malformed_or_cut_chunked_body_is_the_clients_400_not_a_500(tmp_path: Path,
+                                                                      config_file: Path) -> None:
+    # gunicorn's body reader raises (InvalidChunkSize, NoMoreData) inside the app's read.
+    head = (b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with gunicorn(tmp_path, config_file) as server:
+        for body, shut in ((b"ZZ\r\n{}\r\n0\r\n\r\n", False), (b"10\r\n{\"context\":", True)):
+            with socket.create_connection((HOST, server.port), timeout=10) as sock:
+                sock.sendall(head + body)
+                if shut:
+                    sock.shutdown(socket.SHUT_WR)  # the client stops sending mid-body
+                status, body = _reply(sock)
+            assert (status, json.loads(body)["error"]) == (400, "invalid_request"), body
+        assert log_lines(server, "internal error") == []
+
+
 def test_no_preload_builds_the_app_in_each_worker(tmp_path: Path, config_file: Path) -> None:
     with gunicorn(tmp_path, config_file) as server:
         docs = server.ready()
@@ -425,6 +450,77 @@ def test_workers_recycled_while_the_file_is_broken_boot_from_the_last_good_confi
         server.hup()
         server.all_workers(lambda d: d["backend"] == "a" and d["generation"] == 3 and d["last_reload"]["ok"],
                            "generation 3")
+
+
+def _failed_reloads(server: Gunicorn) -> float:
+    with requests.get(server.base + "/runner/-/metrics", headers=CLOSE, timeout=10) as resp:
+        found = re.search(r'^runner_mw_reloads_total\{result="failed"\} (\S+)$', resp.text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def test_a_worker_booting_after_a_failed_reload_takes_it_over_without_counting_it_again(
+        tmp_path: Path, config_file: Path) -> None:
+    with gunicorn(tmp_path, config_file) as server:
+        config_file.write_text(BROKEN, encoding="utf-8")
+        server.hup()
+        docs = server.all_workers(lambda d: d["last_reload"]["ok"] is False, "the failure")
+        assert len({d["last_reload"]["at"] for d in docs.values()}) == 1  # the master's time, in each
+        (at,) = {d["last_reload"]["at"] for d in docs.values()}
+        assert _failed_reloads(server) == 2  # one attempt seen by two workers
+        gone = min(docs)
+        os.kill(gone, signal.SIGKILL)
+        new = server.all_workers(lambda d: d["pid"] != gone and d["last_reload"]["ok"] is False,
+                                 "a new worker reporting the failure")
+        assert all(d["last_reload"]["at"] == at for d in new.values())
+        assert _failed_reloads(server) == 2  # the new worker did not see an attempt happen
+
+
+def test_a_ca_bundle_broken_after_the_start_does_not_stop_a_worker_from_booting(
+        tmp_path: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # A rotated or removed CA bundle must not turn a worker's recycling into "Worker failed
+    # to boot" (which stops the whole server): the worker takes the master's checked config.
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+                   if Path("/etc/ssl/certs/ca-certificates.crt").exists() else _self_signed(tmp_path))
+    config_file = tmp_path / "runner.yaml"
+    config_file.write_text(config_text(runners[0]).replace("    kind: docker\n",
+                                                           f"    kind: docker\n    ca_bundle: {ca}\n"),
+                           encoding="utf-8")
+    with gunicorn(tmp_path, config_file) as server:
+        docs = server.ready()
+        ca.write_text("being rotated\n", encoding="utf-8")
+        gone = min(docs)
+        os.kill(gone, signal.SIGKILL)
+        server.all_workers(lambda d: d["pid"] != gone, "a new worker")
+        assert server.alive() and "Worker failed to boot" not in server.text()
+        with requests.get(server.base + ASSET, headers=CLOSE, timeout=10) as resp:
+            assert resp.status_code == 200  # plain http: the bundle is not even used
+
+
+def _self_signed(folder: Path) -> bytes:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(folder / "k.pem"), "-out", str(folder / "c.pem"), "-days", "2",
+                    "-subj", "/CN=x"], check=True, capture_output=True, timeout=60)
+    return (folder / "c.pem").read_bytes()
+
+
+def test_gunicorns_env_option_is_seen_by_the_worker_timeout(
+        tmp_path: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # gunicorn reads the config module before it applies -e: worker_timeout() there saw
+    # read_ms 1000 (9 s), the master then validated 20000 (33 s) and raises the timeouts.
+    config_file = tmp_path / "runner.yaml"
+    config_file.write_text(config_text(runners[0]).replace("read_ms: 30000", "read_ms: ${RMW_T:-1000}"),
+                           encoding="utf-8")
+    server = Gunicorn(tmp_path, config_file)
+    server.env.pop("RMW_T", None)
+    server.args[-1:-1] = ["-e", "RMW_T=20000"]
+    server.start()
+    try:
+        server.ready()
+        assert log_lines(server, r"runner_mw: timeout raised from 9 s to 33 s")
+        assert log_lines(server, r"runner_mw: graceful_timeout raised from 9 s to 33 s")
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])

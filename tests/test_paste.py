@@ -173,9 +173,18 @@ def test_the_examples_execute_hook_decides_tenant_and_install(monkeypatch: pytes
     monkeypatch.syspath_prepend(str(ROOT))
     from examples.host import bind_to_caller
 
-    bound = bind_to_caller({}, envelope("someone-else"))
+    sent = envelope("someone-else")
+    sent["context"].update(install_id="someone-elses-install", config={"admin": "true"})
+    sent.update(providers=["cap:secrets.get"], secret_envelope={"ciphertext_b64": "AAAA"},
+                limits={"timeout_ms": 1000, "memory_mb": 2**64 - 1, "fuel": 2**64 - 1})
+    bound = bind_to_caller({}, sent)
     assert bound["context"]["tenant_id"] == "demo-tenant"
     assert bound["context"]["content_hash"] == SAMPLE_CONTENT_HASH
+    # The install, its config and capabilities, and the limits are the server's, not the browser's.
+    assert bound["context"]["install_id"] == f"demo-tenant/{SAMPLE_EXTENSION_ID}"
+    assert bound["context"]["config"] == {} and bound["providers"] == []
+    assert "secret_envelope" not in bound and bound["limits"] == {"timeout_ms": 1000}
+    assert bound["http"] == envelope("x")["http"]  # the extension's request is the browser's
     assert bound["user"]["user_id"] == "demo-user" and "tenant" not in bound["user"]
     for odd in ({"context": {"extension_id": ["x"]}}, {"context": {}}):
         with pytest.raises(PermissionError):

@@ -221,8 +221,11 @@ def live(cls: type) -> int:
     return sum(1 for obj in gc.get_objects() if type(obj) is cls)
 
 
-def test_memory_stays_flat_over_1000_reloads(tmp_path: Path) -> None:
+def test_memory_stays_flat_over_1000_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner_mw import loader
     from runner_mw.snapshot import Snapshot
+
+    monkeypatch.setattr(loader, "SETTLE_S", 0.0)  # each write is whole; 1000 waits would be the test
 
     file = tmp_path / "runner.yaml"
     texts = [f"version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: http://127.0.0.1:{p}\n"

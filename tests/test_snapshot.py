@@ -156,13 +156,38 @@ def test_a_loader_that_raises_anything_is_a_failed_reload_not_an_exception(
     store = SnapshotStore(snapshot.load_config(file), path=str(file), build=builds)
     snap = store.current
 
-    def broken(path: str) -> Config:
+    def broken(path: str, **_: Any) -> Config:
         raise KeyError("surprise")
 
     monkeypatch.setattr(snapshot, "load_config", broken)
     outcome = store.reload()
     assert not outcome.ok and outcome.error == "KeyError: 'surprise'"
     assert store.current is snap and store.last_reload is outcome
+
+
+def test_a_reload_waits_for_a_file_still_being_written(builds: Builds, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # An editor (or a tool) writing in place, and a watcher sending HUP on its first write:
+    # the prefix on disk parses ("read_ms: 300" of "read_ms: 30000") and must not be applied.
+    from runner_mw import loader
+
+    monkeypatch.setattr(loader, "SETTLE_S", 1.0)  # a wide margin on a busy machine
+    file = tmp_path / "runner.yaml"
+    whole = yaml_text("http://127.0.0.1:8085") + "timeouts:\n  read_ms: 30000\n"
+    cut = whole.index("30000") + 3
+    file.write_text(whole, encoding="utf-8")
+    store = SnapshotStore(loader.load_config(file), path=str(file), build=builds)
+    with open(file, "r+", encoding="utf-8") as fh:
+        fh.truncate(0)
+        fh.write(whole[:cut])  # "read_ms: 300": valid YAML, a tenth of the deadline
+        fh.flush()
+        finish = threading.Timer(0.05, lambda: (fh.write(whole[cut:]), fh.flush()))
+        finish.start()
+        started = time.monotonic()
+        outcome = store.reload()
+        finish.join()
+    assert outcome.ok and time.monotonic() - started >= 0.9
+    assert store.current.config.active.timeouts.read_ms == 30000
 
 
 def test_a_failed_reload_keeps_the_old_snapshot(builds: Builds, tmp_path: Path) -> None:
