@@ -45,7 +45,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """Exit 0 when the file is valid and the signal was sent, 1 otherwise (nothing sent)."""
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     try:
-        config = load_config(path)
+        config = load_config(path, settle=True)  # as the server will read it
     except ConfigError as exc:
         _fail(f"{path}: invalid configuration, no signal sent")
         print(str(exc), file=sys.stderr)

@@ -205,10 +205,17 @@ def _read(stream: Any, size: int) -> bytes:
     left mid-body: gunicorn raises IOError or ValueError, werkzeug its own) is the client's 400."""
     try:
         data: bytes = stream.read(size)
+    except MemoryError:
+        raise
     except Exception as exc:
         log.info("request body unreadable: %s", type(exc).__name__)
         raise _Refused(400, "invalid_request", "request body malformed or incomplete") from None
     return data
+
+
+# How "e", "r" and "o" can be written as JSON escapes: the only ways, in UTF-8, to spell
+# "error" other than plainly (the reply's other escapes leave it byte for byte).
+_ERROR_LETTER_ESCAPES = (b"\\u0065", b"\\u0072", b"\\u006f", b"\\u006F")
 
 
 def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, bytes]:
@@ -229,9 +236,11 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
     err = reply.get("error")
     text = isinstance(err, str) and ":" in err
     # The runner's bytes go out as they came unless they may hold error text: a detail after
-    # the code, or an "error" key written twice (JSON keeps the last, the bytes keep both) or
-    # spelled with escapes. Else the reply is written anew from what was parsed.
-    if not text and body.count(b'"error"') <= 1 and b"\\u" not in body:
+    # the code, or an "error" key written twice (JSON keeps the last, the bytes keep both),
+    # spelled with escapes of its letters, or in an encoding other than UTF-8 (where these
+    # byte tests see nothing). Else the reply is written anew from what was parsed.
+    if (not text and body[:1] == b"{" and body[1:2] != b"\x00" and body.count(b'"error"') <= 1
+            and not any(escape in body for escape in _ERROR_LETTER_ESCAPES)):
         return 200, body
     if isinstance(err, str) and text:
         # Runner error text can reveal paths and internals; its code is enough for callers.

@@ -30,9 +30,11 @@ replace the master's HUP handling instead:
 - A worker that boots later (``max_requests``, a crash) starts from the published config, not
   from the file, so a broken file can never stop a worker from booting.
 
-What changes: HUP no longer re-reads gunicorn's own settings nor re-imports the app (use USR2
-for an upgrade in place; USR1 still reopens the log files). This replaces a method of
-gunicorn's ``Arbiter``: it is tested with gunicorn >= 23, < 28 (the pin in setup.py).
+What changes: HUP no longer re-reads gunicorn's own settings nor re-imports the app (restart,
+or USR2 where no supervisor watches the master; USR1 still reopens the log files). A
+``timeout`` below the validated config's deadlines is raised (``graceful_timeout`` with it
+when the two were equal; 0, "off", is left alone). This replaces a method of gunicorn's
+``Arbiter``: it is tested with gunicorn >= 23, < 28 (the pin in setup.py).
 """
 
 from __future__ import annotations
@@ -105,14 +107,19 @@ def timeout_for(config: Config) -> int:
 def _raise_timeouts(server: Any, config: Config) -> None:
     """gunicorn reads its config file before it applies ``-e``/``raw_env`` and ``--chdir``,
     so ``worker_timeout()`` there may have read other deadlines (or another file) than the
-    master validated since: raise ``timeout`` and ``graceful_timeout`` to this config's."""
-    needed = timeout_for(config)
-    for name in ("timeout", "graceful_timeout"):
-        if getattr(server.cfg, name) < needed:
-            server.log.info("runner_mw: %s raised from %s s to %d s, above the deadlines of %s",
-                            name, getattr(server.cfg, name), needed, config.source)
-            server.cfg.set(name, needed)
-    server.timeout = server.cfg.timeout  # the arbiter's copy, read when it checks on workers
+    master validated since: raise ``timeout`` to this config's, and ``graceful_timeout``
+    with it where it followed ``timeout`` (the shipped config's ``graceful_timeout =
+    timeout``). A timeout of 0 (off) and a graceful_timeout set apart are the user's."""
+    needed, timeout, graceful = timeout_for(config), server.cfg.timeout, server.cfg.graceful_timeout
+    if timeout == 0 or timeout >= needed:
+        return
+    server.log.info("runner_mw: timeout raised from %s s to %d s, above the deadlines of %s",
+                    timeout, needed, config.source)
+    server.cfg.set("timeout", needed)
+    server.timeout = needed  # the arbiter's copy, read when it checks on workers
+    if graceful == timeout:
+        server.log.info("runner_mw: graceful_timeout raised with it, to %d s", needed)
+        server.cfg.set("graceful_timeout", needed)
 
 
 # --------------------------------------------------------------------------- hooks

@@ -402,6 +402,29 @@ def test_an_unreachable_runner_says_why_to_the_operator_not_to_the_client(
                 assert why.lower() in status["upstream"]["error"].lower(), status["upstream"]
 
 
+def test_a_ca_bundle_broken_after_the_load_is_unreachable_with_the_reason(
+        kind: str, self_signed: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A worker takes its master's checked config without reading the files again: a bundle
+    # broken since then fails at the first request, as unreachable, and says why.
+    caplog.set_level(logging.WARNING, logger="runner_mw")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(self_signed[0].read_bytes())
+    cert, key = self_signed
+    with tls_runner(cert, key) as url:
+        data = {"version": 1, "backend": "b",
+                "backends": {"b": {"kind": kind, "url": url, "ca_bundle": str(ca)}}}
+        checked = config_from_mapping(data)
+        ca.write_text("rotated away\n", encoding="utf-8")
+        backend = build_backend(config_from_mapping(data, sha256=checked.sha256).active)
+        try:
+            with pytest.raises(RunnerUnreachable, match="CA bundle"):
+                backend.execute(BODY, dict(HEADERS))
+            assert "CA bundle" in backend.health()["error"]
+        finally:
+            backend.close()
+    assert any("CA bundle" in r.getMessage() for r in caplog.records)
+
+
 # -- ui_url ------------------------------------------------------------------------------------------
 
 

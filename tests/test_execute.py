@@ -394,7 +394,11 @@ def test_runner_error_text_is_reduced_to_its_code(gateway: Gateway, error: str |
     b'{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":"execute_failed"}',
     b'{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":null}',
     b'{"status":500,"\\u0065rror":"execute_failed: /var/lib/runner/secret.wasm trap"}',
-], ids=["duplicate", "duplicate-null", "escaped-key"])
+    b'{"status":500,"\\u0065rror":"execute_failed: /var/lib/runner/secret.wasm trap",'
+    b'"error":"execute_failed"}',
+    '{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":"execute_failed"}'
+    .encode("utf-16-le"),
+], ids=["duplicate", "duplicate-null", "escaped-key", "escaped-duplicate", "utf-16-duplicate"])
 def test_runner_error_text_cannot_hide_in_the_replys_bytes(gateway: Gateway, reply: bytes) -> None:
     # JSON keeps a duplicate key's last value: the bytes passed through would keep the first.
     gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)

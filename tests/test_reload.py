@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
+@pytest.fixture(autouse=True)
+def _whole_files_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests write each file whole before a reload: no settle wait (tests/test_snapshot.py
+    has the test of it; the gunicorn tests reload with it)."""
+    from runner_mw import loader
+
+    monkeypatch.setattr(loader, "SETTLE_S", 0.0)
 
 
 def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -221,11 +228,8 @@ def live(cls: type) -> int:
     return sum(1 for obj in gc.get_objects() if type(obj) is cls)
 
 
-def test_memory_stays_flat_over_1000_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner_mw import loader
+def test_memory_stays_flat_over_1000_reloads(tmp_path: Path) -> None:
     from runner_mw.snapshot import Snapshot
-
-    monkeypatch.setattr(loader, "SETTLE_S", 0.0)  # each write is whole; 1000 waits would be the test
 
     file = tmp_path / "runner.yaml"
     texts = [f"version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: http://127.0.0.1:{p}\n"

@@ -65,6 +65,14 @@ def wait_until(predicate: Any, timeout: float = T) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture(autouse=True)
+def _whole_files_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests write each file whole before a reload: no settle wait (it has its own test)."""
+    from runner_mw import loader
+
+    monkeypatch.setattr(loader, "SETTLE_S", 0.0)
+
+
 @pytest.fixture
 def builds() -> Builds:
     return Builds()

@@ -95,7 +95,14 @@ class HTTPBackend(RunnerBackend):
         if not self._tls:
             return None
         # Verified always (CERT_REQUIRED, hostname checked); ``ca_bundle`` replaces the system CAs.
-        return ssl.create_default_context(cafile=self.settings.ca_bundle or None)
+        try:
+            return ssl.create_default_context(cafile=self.settings.ca_bundle or None)
+        except (OSError, ValueError) as exc:
+            # A bundle broken since the load checked it (a worker takes the master's word):
+            # nothing can be sent, and the operator is told why, as for a failed connect.
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise wire.NotSent(f"{self._hostname}:{self._port}: CA bundle "
+                               f"{self.settings.ca_bundle or '(system)'} unusable ({why})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -115,10 +122,9 @@ class HTTPBackend(RunnerBackend):
         deadline = time.monotonic() + retry.budget_ms / 1000
         pause = retry.backoff_ms / 1000
         attempt = 1
-        pool = self.pool()
         while True:
             try:
-                return wire.request(pool, method, data, read_s=read_s, total_s=total_s)
+                return wire.request(self.pool(), method, data, read_s=read_s, total_s=total_s)
             except wire.NotSent as exc:
                 if attempt >= retry.attempts or time.monotonic() + pause > deadline:
                     self._report(exc)

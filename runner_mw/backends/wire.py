@@ -223,7 +223,7 @@ class Pool:
                 sock.settimeout(None)
         except OSError as exc:  # TLS refused, failed to verify or timed out: nothing was sent
             sock.close()
-            raise NotSent(f"{self.host}:{self.port}: {_why(exc)}") from exc
+            raise NotSent(f"{self.host}:{self.port}: TLS handshake: {_why(exc)}") from exc
         return sock
 
 
