@@ -252,6 +252,11 @@ def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
     return [(path, error.message)]
 
 
+# Plugin classes whose settings schema was found to be a schema. Checked once: a worker
+# rebuilds the config on every reload, with the GIL its request threads need.
+_SOUND_SCHEMAS: set[type] = set()
+
+
 def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
     kinds = known_kinds()
     for name, entry in backends.items():
@@ -267,7 +272,9 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
             continue
         try:
             schema = cls.settings_schema()
-            Validator.check_schema(schema)
+            if kind not in BUILTIN_KINDS and cls not in _SOUND_SCHEMAS:
+                Validator.check_schema(schema)  # 35 ms: once per plugin class and process
+                _SOUND_SCHEMAS.add(cls)
             _schema_issues(Validator(schema), entry, ("backends", name), issues)
         except Exception as exc:  # the plugin's bug, reported as the config's (never raised)
             issues.add(("backends", name, "kind"), f"the settings schema of backend kind {kind!r} "
