@@ -99,6 +99,10 @@ def handle_asset(
             done(exc.status)
             return error(start_response, exc.status, exc.code, rid)
         out, location = response_headers(upstream.headers)
+        token = active.service_token
+        if token and any(token in value for _, value in out):
+            # Echoed under another name (a debugging ingress listing the request's headers).
+            out = [(n, v) for n, v in out if token not in v]
         if not (200 <= upstream.status < 300 or upstream.status == 304):
             # The runner marks every reply immutable; an error page must not be cached.
             out = [(n, v) for n, v in out if n.lower() != "cache-control"]

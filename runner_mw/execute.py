@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -234,15 +235,31 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
     if expose_errors:
         return 200, body
     err = reply.get("error")
-    text = isinstance(err, str) and ":" in err
-    # The runner's bytes go out as they came unless they may hold error text: a detail after
-    # the code, or an "error" key written twice (JSON keeps the last, the bytes keep both),
-    # spelled with escapes of its letters, or in an encoding other than UTF-8 (where these
-    # byte tests see nothing). Else the reply is written anew from what was parsed.
-    if (not text and body[:1] == b"{" and body[1:2] != b"\x00" and body.count(b'"error"') <= 1
+    code = _error_code(err)
+    # The runner's bytes go out as they came unless they may hold error text: an error that
+    # is more than a code, or an "error" key written twice (JSON keeps the last, the bytes
+    # keep both), spelled with escapes of its letters, or in an encoding other than UTF-8
+    # (where these byte tests see nothing). Else the reply is written anew from what was parsed.
+    if (code == err and body[:1] == b"{" and body[1:2] != b"\x00" and body.count(b'"error"') <= 1
             and not any(escape in body for escape in _ERROR_LETTER_ESCAPES)):
         return 200, body
-    if isinstance(err, str) and text:
-        # Runner error text can reveal paths and internals; its code is enough for callers.
-        reply["error"] = err.split(":", 1)[0].strip()
+    if "error" in reply:
+        reply["error"] = code
     return 200, compact_json(reply)
+
+
+# What an error code looks like ("execute_failed", "missing_routing_headers"); anything else
+# the runner says in "error" is text that may name paths and internals.
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def _error_code(err: Any) -> str | None:
+    """What callers see of the runner's ``error``: nothing, its code (the part before a
+    colon), or ``runner_error`` when that is not a code (free text, an object, a number)."""
+    if err is None:
+        return None
+    if isinstance(err, str):
+        head = err.split(":", 1)[0].strip()
+        if _CODE.fullmatch(head):
+            return head
+    return "runner_error"

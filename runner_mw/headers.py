@@ -34,7 +34,10 @@ EXECUTE_REQUEST_ALLOW = frozenset({
     "traceparent", "tracestate",
 })
 # Set by the WSGI server or by us; a runner's copy would duplicate them.
-_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "server", "date", "x-request-id"}
+# Credentials a runner or an ingress in front of it may echo (the service token among them)
+# never reach a browser either.
+_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "server", "date", "x-request-id",
+                               SERVICE_TOKEN, "authorization", "proxy-authorization"}
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 

@@ -49,7 +49,7 @@ def request_id(environ: Mapping[str, Any]) -> str:
     """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._-]), else a new one."""
     given = environ.get("HTTP_X_REQUEST_ID")
     if given and REQUEST_ID.fullmatch(given):
-        return str(given)
+        return given if type(given) is str else str(given)  # (the caller tests identity)
     return _new_id()
 
 
@@ -57,6 +57,11 @@ def request_id(environ: Mapping[str, Any]) -> str:
 # uuid4's hex). Unique without asking the kernel for randomness on every request: uuid4()
 # reads os.urandom, a syscall that also releases the GIL, on the hot path.
 _id_state: tuple[int, str, Iterator[int]] = (0, "", itertools.count())
+
+
+def new_request_id() -> str:
+    """A fresh request id (when the client's may not be used)."""
+    return _new_id()
 
 
 def _new_id() -> str:

@@ -398,7 +398,10 @@ def test_runner_error_text_is_reduced_to_its_code(gateway: Gateway, error: str |
     b'"error":"execute_failed"}',
     '{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":"execute_failed"}'
     .encode("utf-16-le"),
-], ids=["duplicate", "duplicate-null", "escaped-key", "escaped-duplicate", "utf-16-duplicate"])
+    b'{"status":500,"error":{"detail":"execute_failed: /var/lib/runner/secret.wasm trap"}}',
+    b'{"status":500,"error":"trap in /var/lib/runner/secret.wasm"}',
+], ids=["duplicate", "duplicate-null", "escaped-key", "escaped-duplicate", "utf-16-duplicate", "object",
+        "text-without-a-code"])
 def test_runner_error_text_cannot_hide_in_the_replys_bytes(gateway: Gateway, reply: bytes) -> None:
     # JSON keeps a duplicate key's last value: the bytes passed through would keep the first.
     gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)

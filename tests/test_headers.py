@@ -221,6 +221,19 @@ def test_asset_responses_lose_hop_by_hop_connection_listed_and_cookies(gateway: 
     assert "internal" not in str(resp.headers)
 
 
+def test_credentials_a_runner_echoes_never_reach_the_browser(gateway: Gateway) -> None:
+    # An ingress in front of the runner, or a debugging layer, may reflect request headers.
+    echoed = [("Content-Type", "text/javascript"), ("X-Runner-Service-Token", SERVICE_TOKEN),
+              ("Authorization", f"Bearer {SERVICE_TOKEN}"), ("Proxy-Authorization", "Basic eA=="),
+              ("X-Debug-Headers", f"host=runner; x-runner-service-token={SERVICE_TOKEN}"), ("X-Kept", "yes")]
+    gateway.runner.respond("/ext-ui/", 200, echoed, b"let a = 1;")
+    resp = gateway.raw("GET", "/runner/ext-ui/x/h/app.js")
+    assert resp.status == 200 and resp.header("X-Kept") == "yes"
+    assert SERVICE_TOKEN not in str(resp.headers)
+    names = {n.lower() for n in resp.headers}
+    assert not names & {"x-runner-service-token", "authorization", "proxy-authorization", "x-debug-headers"}
+
+
 # -- through HTTP: execute (the request side; the reply headers are all the gateway's) -------------
 
 

@@ -135,6 +135,16 @@ def test_other_runner_mw_loggers_are_redacted_too(captured: io.StringIO) -> None
     assert not leaked_in(captured.getvalue()), captured.getvalue()
 
 
+def test_a_cookie_value_inside_a_known_secret_does_not_unmask_the_rest(captured: io.StringIO) -> None:
+    # Replaced one by one, the request's short cookie value first, the service token would
+    # no longer match whole: most of it would be printed.
+    piece = TEST_SERVICE_TOKEN[4:10]
+    bind_request({"HTTP_COOKIE": f"theme={piece}"})
+    logging.getLogger("runner_mw").warning("the runner said %s", TEST_SERVICE_TOKEN)
+    assert not leaked_in(captured.getvalue()), captured.getvalue()
+    assert TEST_SERVICE_TOKEN[10:] not in captured.getvalue()
+
+
 def test_bound_request_credentials_are_redacted(captured: io.StringIO) -> None:
     environ = {"HTTP_AUTHORIZATION": f"Bearer {TEST_CLIENT_BEARER}", "HTTP_COOKIE": f"a=1; sid={TEST_COOKIE}",
                "HTTP_X_RUNNER_SERVICE_TOKEN": TEST_CLIENT_SERVICE_TOKEN}

@@ -144,6 +144,24 @@ def test_only_sane_client_request_ids_are_kept(gateway: Gateway, given: str, kep
     assert rid == given if kept else HEX32.fullmatch(rid)
 
 
+def test_a_request_id_that_is_a_credential_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    # The access line logs the id unredacted, and it travels to the runner and back.
+    caplog.set_level(logging.INFO, logger="runner_mw.access")
+    with running_gateway(access={"networks": [], "tokens": [ACCESS_TOKEN]},
+                         upstream={"service_token": SERVICE_TOKEN}) as gw:
+        bearer = {"Authorization": f"Bearer {ACCESS_TOKEN}"}
+        for rid, headers in ((ACCESS_TOKEN, bearer), (f"x-{SERVICE_TOKEN}", bearer),
+                             ("sid-value-0123", {**bearer, "Cookie": "sid=sid-value-0123"})):
+            resp = gw.execute(headers={**headers, "X-Request-Id": rid})
+            assert HEX32.fullmatch(resp.headers["X-Request-Id"]), resp.headers["X-Request-Id"]
+        sent = [r.headers["x-request-id"] for r in gw.runner.received]
+        assert len(sent) == 3 and all(HEX32.fullmatch(rid) for rid in sent)
+        ok = gw.execute(headers={"Authorization": f"Bearer {ACCESS_TOKEN}", "X-Request-Id": "plain-id-7"})
+        assert ok.headers["X-Request-Id"] == "plain-id-7"
+    text = caplog.text + "".join(r.getMessage() for r in caplog.records)
+    assert ACCESS_TOKEN not in text and SERVICE_TOKEN not in text
+
+
 def test_each_request_gets_a_new_id(gateway: Gateway) -> None:
     ids = {gateway.get("/runner/").headers["X-Request-Id"] for _ in range(5)}
     assert len(ids) == 5
