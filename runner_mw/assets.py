@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner_mw")
 
 
+#: A service token shorter than this is not looked for in header values: "self" would take
+#: the CSP with it, "1" an ETag. (A real token is a long random string.)
+MIN_SCANNED = 16
+
 #: The status logged and counted when the client left before the body was whole (nginx's
 #: code for it): not the runner's fault, so not a 502 that would set off its alerts.
 CLIENT_CLOSED = 499
@@ -99,8 +103,8 @@ def handle_asset(
             done(exc.status)
             return error(start_response, exc.status, exc.code, rid)
         out, location = response_headers(upstream.headers)
-        token = active.service_token
-        if token and any(token in value for _, value in out):
+        token = active.service_token or ""
+        if len(token) >= MIN_SCANNED and any(token in value for _, value in out):
             # Echoed under another name (a debugging ingress listing the request's headers).
             out = [(n, v) for n, v in out if token not in v]
         if not (200 <= upstream.status < 300 or upstream.status == 304):

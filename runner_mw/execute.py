@@ -254,12 +254,13 @@ _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 
 def _error_code(err: Any) -> str | None:
-    """What callers see of the runner's ``error``: nothing, its code (the part before a
-    colon), or ``runner_error`` when that is not a code (free text, an object, a number)."""
+    """What callers see of the runner's ``error``: nothing; a string as it is, or its code
+    when a colon follows one ("execute_failed: <details>"); ``runner_error`` for anything
+    that is not a string (the contract says str or null). A string with no code before a
+    colon is the extension's own error, which the runner passes through: its UI's to show."""
     if err is None:
         return None
     if isinstance(err, str):
-        head = err.split(":", 1)[0].strip()
-        if _CODE.fullmatch(head):
-            return head
+        head = err.split(":", 1)[0].strip() if ":" in err else err
+        return head if head == err or _CODE.fullmatch(head) else "runner_error"
     return "runner_error"

@@ -252,9 +252,9 @@ def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
     return [(path, error.message)]
 
 
-# Plugin classes whose settings schema was found to be a schema. Checked once: a worker
+# Plugin schemas (by class and content) found to be schemas. Checked once: a worker
 # rebuilds the config on every reload, with the GIL its request threads need.
-_SOUND_SCHEMAS: set[type] = set()
+_SOUND_SCHEMAS: set[tuple[type, str]] = set()
 
 
 def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
@@ -272,9 +272,11 @@ def _backend_issues(backends: dict[str, Any], issues: _Issues) -> None:
             continue
         try:
             schema = cls.settings_schema()
-            if kind not in BUILTIN_KINDS and cls not in _SOUND_SCHEMAS:
-                Validator.check_schema(schema)  # 35 ms: once per plugin class and process
-                _SOUND_SCHEMAS.add(cls)
+            if kind not in BUILTIN_KINDS:
+                key = (cls, json.dumps(schema, sort_keys=True, default=str))
+                if key not in _SOUND_SCHEMAS:
+                    Validator.check_schema(schema)  # 35 ms: once per schema and process
+                    _SOUND_SCHEMAS.add(key)
             _schema_issues(Validator(schema), entry, ("backends", name), issues)
         except Exception as exc:  # the plugin's bug, reported as the config's (never raised)
             issues.add(("backends", name, "kind"), f"the settings schema of backend kind {kind!r} "

@@ -78,6 +78,29 @@ def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any
     return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
 
 
+def _mask(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every occurrence of every secret replaced by ``***``; where two overlap
+    (neither inside the other) the union of them goes, so no part of either is left."""
+    if not any(secret in text for secret in secrets):
+        return text
+    spans = []
+    for secret in secrets:
+        at = text.find(secret)
+        while at >= 0:
+            spans.append((at, at + len(secret)))
+            at = text.find(secret, at + 1)
+    spans.sort()
+    pieces, pos, start, end = [], 0, *spans[0]
+    for s, e in spans[1:]:
+        if s <= end:
+            end = max(end, e)
+            continue
+        pieces += [text[pos:start], "***"]
+        pos, start, end = end, s, e
+    pieces += [text[pos:start], "***", text[end:]]
+    return "".join(pieces)
+
+
 def bind_request(environ: Mapping[str, Any]) -> None:
     """Redact this request's credentials in what is logged on this thread until the next
     request (call it first thing for every request the gateway handles)."""
@@ -101,12 +124,7 @@ class Redactor(logging.Filter):
             self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
 
     def redact(self, text: str) -> str:
-        request = _secrets_of(*_request_credentials.get())
-        # One list, longest first: a short cookie value inside the service token, starred
-        # first, would leave the rest of the token to be printed.
-        for secret in sorted((*request, *self._secrets), key=len, reverse=True) if request else self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
+        text = _mask(text, (*_secrets_of(*_request_credentials.get()), *self._secrets))
         # The case-insensitive regex costs ~10-20 us per line here: run it only when one of
         # the words every match contains is there. ASCII text: lower() + "in" finds what (?i)
         # finds; other text always gets the regex (re folds e.g. the Kelvin sign to "k").
@@ -116,9 +134,10 @@ class Redactor(logging.Filter):
 
     def names_a_secret(self, text: str) -> bool:
         """Whether ``text`` holds a known secret or a credential of this request, or is a
-        long enough piece of one (a client's request id must not carry its bearer token)."""
+        piece of one, counting only those of 16 characters or more (a client's request id
+        must not carry its bearer token; a UUID that is also a tracking cookie may pass)."""
         for secret in (*_secrets_of(*_request_credentials.get()), *self._secrets):
-            if secret in text or (len(text) >= 8 and text in secret):
+            if len(secret) >= 16 and (secret in text or (len(text) >= 16 and text in secret)):
                 return True
         return False
 

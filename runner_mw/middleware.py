@@ -112,7 +112,7 @@ class RunnerMiddleware:
         started = time.monotonic()
         bind_request(environ)  # this request's cookies and tokens are redacted from its log lines
         rid = request_id(environ)
-        if rid is environ.get("HTTP_X_REQUEST_ID") and REDACTOR.names_a_secret(rid):
+        if rid == environ.get("HTTP_X_REQUEST_ID") and REDACTOR.names_a_secret(rid):
             # The client's id goes to the access log unredacted, to the runner and back: it
             # must not be (or hold) a token, a cookie value, the service token.
             rid = new_request_id()

@@ -49,7 +49,7 @@ def request_id(environ: Mapping[str, Any]) -> str:
     """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._-]), else a new one."""
     given = environ.get("HTTP_X_REQUEST_ID")
     if given and REQUEST_ID.fullmatch(given):
-        return given if type(given) is str else str(given)  # (the caller tests identity)
+        return str(given)
     return _new_id()
 
 

@@ -399,15 +399,24 @@ def test_runner_error_text_is_reduced_to_its_code(gateway: Gateway, error: str |
     '{"status":500,"error":"execute_failed: /var/lib/runner/secret.wasm trap","error":"execute_failed"}'
     .encode("utf-16-le"),
     b'{"status":500,"error":{"detail":"execute_failed: /var/lib/runner/secret.wasm trap"}}',
-    b'{"status":500,"error":"trap in /var/lib/runner/secret.wasm"}',
+    b'{"status":500,"error":"trap at /var/lib/runner/secret.wasm: 0x1f"}',
 ], ids=["duplicate", "duplicate-null", "escaped-key", "escaped-duplicate", "utf-16-duplicate", "object",
-        "text-without-a-code"])
+        "text-before-a-colon"])
 def test_runner_error_text_cannot_hide_in_the_replys_bytes(gateway: Gateway, reply: bytes) -> None:
     # JSON keeps a duplicate key's last value: the bytes passed through would keep the first.
     gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)
     resp = gateway.execute()
     assert resp.status_code == 200 and "/var/lib" not in resp.text, resp.text
     assert resp.json()["status"] == 500
+
+
+@pytest.mark.parametrize("error", ["Not found", "validation failed", "", "500"])
+def test_an_extensions_own_error_passes_as_it_came(gateway: Gateway, error: str) -> None:
+    # The runner passes the extension's own error through: its UI's to show, not runner text.
+    reply = json.dumps({"status": 404, "headers": {}, "body_b64": None, "error": error},
+                       separators=(",", ":")).encode()
+    gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)
+    assert gateway.execute().content == reply
 
 
 def test_trusted_callers_see_the_runner_error_text(kind: str) -> None:

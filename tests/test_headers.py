@@ -8,7 +8,7 @@ import re
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from mwfixtures import INDEX, SERVICE_TOKEN, Gateway
+from mwfixtures import INDEX, SERVICE_TOKEN, Gateway, running_gateway
 
 from runner_mw import headers as headers_module
 from runner_mw.headers import (
@@ -232,6 +232,16 @@ def test_credentials_a_runner_echoes_never_reach_the_browser(gateway: Gateway) -
     assert SERVICE_TOKEN not in str(resp.headers)
     names = {n.lower() for n in resp.headers}
     assert not names & {"x-runner-service-token", "authorization", "proxy-authorization", "x-debug-headers"}
+
+
+def test_a_short_service_token_does_not_take_headers_that_happen_to_hold_it() -> None:
+    # "self" is in every CSP, "1" in many ETags: only a token long enough to be one is looked for.
+    with running_gateway(upstream={"service_token": "self"}) as gw:
+        gw.runner.respond("/ext-ui/", 200, [("Content-Type", "text/javascript"), ("ETag", '"sha256-1f"'),
+                                            ("Content-Security-Policy", "default-src 'self'")], b"let a = 1;")
+        resp = gw.raw("GET", "/runner/ext-ui/x/h/app.js")
+        assert resp.header("Content-Security-Policy") == "default-src 'self'"
+        assert resp.header("ETag") == '"sha256-1f"' and resp.header("Content-Length") == "10"
 
 
 # -- through HTTP: execute (the request side; the reply headers are all the gateway's) -------------

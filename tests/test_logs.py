@@ -145,6 +145,22 @@ def test_a_cookie_value_inside_a_known_secret_does_not_unmask_the_rest(captured:
     assert TEST_SERVICE_TOKEN[10:] not in captured.getvalue()
 
 
+def test_overlapping_secrets_are_masked_as_one() -> None:
+    REDACTOR.remember({"svc-AAAAAAAAAAAA"})
+    bind_request({"HTTP_COOKIE": "x=AAAAZZZZ-cookie"})
+    assert REDACTOR.redact("got svc-AAAAAAAAAAAAZZZZ-cookie here") == "got *** here"
+
+
+@pytest.mark.parametrize(("rid", "cookie", "named"), [
+    ("0f8fad5b-d9cb-469f-a165-70867728950e", "ajs_anonymous_id=0f8fad5b-d9cb-469f-a165-70867728950e", True),
+    ("req-20261127-0001", "consent=true; year=2026", False),  # short values inside an id
+    ("sessionid", "csrftoken=abc; sessionid=def", False),
+])
+def test_a_request_id_names_a_secret_only_for_long_ones(rid: str, cookie: str, named: bool) -> None:
+    bind_request({"HTTP_COOKIE": cookie})
+    assert REDACTOR.names_a_secret(rid) is named
+
+
 def test_bound_request_credentials_are_redacted(captured: io.StringIO) -> None:
     environ = {"HTTP_AUTHORIZATION": f"Bearer {TEST_CLIENT_BEARER}", "HTTP_COOKIE": f"a=1; sid={TEST_COOKIE}",
                "HTTP_X_RUNNER_SERVICE_TOKEN": TEST_CLIENT_SERVICE_TOKEN}

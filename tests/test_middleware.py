@@ -151,7 +151,7 @@ def test_a_request_id_that_is_a_credential_is_replaced(caplog: pytest.LogCapture
                          upstream={"service_token": SERVICE_TOKEN}) as gw:
         bearer = {"Authorization": f"Bearer {ACCESS_TOKEN}"}
         for rid, headers in ((ACCESS_TOKEN, bearer), (f"x-{SERVICE_TOKEN}", bearer),
-                             ("sid-value-0123", {**bearer, "Cookie": "sid=sid-value-0123"})):
+                             ("sid-value-0123456789", {**bearer, "Cookie": "sid=sid-value-0123456789"})):
             resp = gw.execute(headers={**headers, "X-Request-Id": rid})
             assert HEX32.fullmatch(resp.headers["X-Request-Id"]), resp.headers["X-Request-Id"]
         sent = [r.headers["x-request-id"] for r in gw.runner.received]

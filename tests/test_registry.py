@@ -111,3 +111,21 @@ def test_check_reports_a_broken_plugin_as_json(tmp_path: Path, capsys: pytest.Ca
 
 def test_without_plugins_an_unknown_kind_lists_the_known_ones() -> None:
     assert issue_of(config("nope")) == "unknown backend kind 'nope' (known kinds: docker, knative)"
+
+
+def test_a_plugin_schema_that_changes_is_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The metaschema check (35 ms) is made once per schema, not once per class.
+    from runner_mw import loader
+
+    class Changing:
+        schema: dict[str, object] = {"type": "object"}
+
+        @classmethod
+        def settings_schema(cls) -> dict[str, object]:
+            return cls.schema
+
+    monkeypatch.setattr(loader, "known_kinds", lambda: {**registry.known_kinds(), "changing": Changing})
+    assert config_from_text(config("changing"), env={}).active.kind == "changing"
+    Changing.schema = {"type": "object", "required": "url"}  # not a schema: required is a list
+    assert "the settings schema of backend kind 'changing' is broken" in issue_of(config("changing"))
+
