@@ -26,9 +26,9 @@ from runner_mw.assets import handle_asset
 from runner_mw.config import Config
 from runner_mw.execute import ExecuteHook, handle_execute
 from runner_mw.loader import config_from_mapping
-from runner_mw.logs import REDACTOR, bind_request, log_checked, setup_logging
+from runner_mw.logs import bind_request, log_checked, setup_logging
 from runner_mw.paths import InvalidPath, canonical_tail, encode
-from runner_mw.responses import error, json_response, new_request_id, request_id
+from runner_mw.responses import error, json_response, request_id
 from runner_mw.snapshot import ReloadOutcome, SnapshotStore
 from runner_mw.status import HealthCache, status_document
 
@@ -112,10 +112,6 @@ class RunnerMiddleware:
         started = time.monotonic()
         bind_request(environ)  # this request's cookies and tokens are redacted from its log lines
         rid = request_id(environ)
-        if rid == environ.get("HTTP_X_REQUEST_ID") and REDACTOR.names_a_secret(rid):
-            # The client's id goes to the access log unredacted, to the runner and back: it
-            # must not be (or hold) a token, a cookie value, the service token.
-            rid = new_request_id()
         snap = self.store.current
         snap.enter()
         route = ("execute" if path == EXECUTE_PATH

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from runner_mw.logs import REDACTOR
 from runner_mw.pid import current as current_pid
 
 if TYPE_CHECKING:
@@ -46,9 +47,12 @@ def status_line(status: int) -> str:
 
 
 def request_id(environ: Mapping[str, Any]) -> str:
-    """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._-]), else a new one."""
+    """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._-]) and no credential,
+    else a new one. Call it after ``logs.bind_request``: the id goes to the access line
+    unredacted, to the runner and back, so it must not be (or hold) a bearer token, a cookie
+    value or the service token."""
     given = environ.get("HTTP_X_REQUEST_ID")
-    if given and REQUEST_ID.fullmatch(given):
+    if given and REQUEST_ID.fullmatch(given) and not REDACTOR.names_a_secret(given):
         return str(given)
     return _new_id()
 
@@ -57,11 +61,6 @@ def request_id(environ: Mapping[str, Any]) -> str:
 # uuid4's hex). Unique without asking the kernel for randomness on every request: uuid4()
 # reads os.urandom, a syscall that also releases the GIL, on the hot path.
 _id_state: tuple[int, str, Iterator[int]] = (0, "", itertools.count())
-
-
-def new_request_id() -> str:
-    """A fresh request id (when the client's may not be used)."""
-    return _new_id()
 
 
 def _new_id() -> str:
