@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from runner_mw.backends.base import AssetResponse, script_path
+from runner_mw.clientsock import bound_sends
 from runner_mw.errors import UpstreamError
 from runner_mw.headers import ASSET_REQUEST_ALLOW, SERVICE_TOKEN, request_headers, response_headers
 from runner_mw.responses import error, status_line
@@ -40,9 +41,10 @@ class StreamedBody:
     ``status`` (all sent), 502 (the runner broke off) or ``CLIENT_CLOSED``."""
 
     def __init__(self, upstream: AssetResponse, done: Callable[[int], None], status: int,
-                 first: bytes = b"") -> None:
+                 first: bytes = b"", restore: Callable[[], None] | None = None) -> None:
         self._upstream = upstream
         self._done = done
+        self._restore = restore  # undoes bound_sends on the client's socket
         self._status = status
         self._first = first
         self._complete = False
@@ -68,6 +70,8 @@ class StreamedBody:
         # the body was whole even though the iterator was not run to its end.
         complete = self._complete or (not self._broken and self._upstream.complete())
         try:
+            if self._restore is not None:
+                self._restore()
             self._upstream.close()
         finally:
             self._done(self._status if complete else 502 if self._broken else CLIENT_CLOSED)
@@ -132,7 +136,10 @@ def handle_asset(
         finally:
             done(status)
         return [first] if first else []
-    return StreamedBody(upstream, done, status, first)
+    # Streamed: the body may outgrow the socket buffers, and a client that stops reading it
+    # must not keep this thread and the runner connection for good (read_ms, as upstream).
+    restore = bound_sends(environ, active.timeouts.read_ms / 1000)
+    return StreamedBody(upstream, done, status, first, restore)
 
 
 def _origins(active: Any) -> tuple[str, ...]:

@@ -553,3 +553,36 @@ def test_a_broken_file_at_the_first_start_fails_fast_and_clearly(
     assert "Booting worker" not in text
     assert not server.pidfile.exists()
     assert list(server.tmpdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
+        tmp_path: Path, runners: tuple[StandinRunner, StandinRunner], worker_class: str) -> None:
+    # gunicorn writes to clients with no timeout: without runner_mw's send deadline this client
+    # would hold a worker thread and the runner connection for as long as it keeps its socket.
+    a = runners[0]
+    total = 256 * 1024 * 1024  # far beyond what the kernel's socket buffers hold
+    a.stream_asset("/ext-ui/big/", total)
+    file = tmp_path / "runner.yaml"
+    file.write_text(config_text(a, read_ms=1000), encoding="utf-8")
+    with gunicorn(tmp_path, file, worker_class=worker_class) as server:
+        pids = server.workers()
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with client:
+            client.connect((HOST, server.port))
+            client.sendall(b"GET /runner/ext-ui/big/h/file.bin HTTP/1.1\r\nHost: x\r\n"
+                           b"X-Request-Id: stalls\r\n\r\n")
+            assert client.recv(12) == b"HTTP/1.1 200"
+            # ... and reads nothing more, but keeps the connection open.
+            cut = wait_until(lambda: log_lines(server, r"status=499 .*request_id=stalls\b"),
+                             what="the stalled client's access line (499)")
+            assert len(cut) == 1
+            client.settimeout(T)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(1 << 20):  # what was in flight, then the end
+                    got += len(chunk)
+            assert got < total  # the server dropped it; the body never looked whole
+        assert server.workers() == pids  # no worker died of it
+        assert requests.get(server.base + ASSET, timeout=T).status_code == 200

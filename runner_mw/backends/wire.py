@@ -579,16 +579,17 @@ def _limit(conn: _Conn, seconds: float, *, send: bool = False) -> None:
     keep_recv = seconds <= conn.recv_s <= seconds + SLACK_S
     if conn.plain:
         if not keep_recv:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             conn.recv_s = seconds
         if send and not seconds <= conn.send_s <= seconds + SLACK_S:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
             conn.send_s = seconds
     elif not keep_recv:  # TLS: one Python timeout for both directions
         conn.sock.settimeout(seconds)
         conn.recv_s = conn.send_s = seconds
 
 
-def _timeval(seconds: float) -> bytes:
+def timeval(seconds: float) -> bytes:
+    """``seconds`` as the ``struct timeval`` that ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` take."""
     whole = int(seconds)
     return struct.pack("ll", whole, max(1, int((seconds - whole) * 1_000_000)))  # 0 is "never"

@@ -1,0 +1,78 @@
+"""``bound_sends``: a write deadline on the client's socket, on real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runner_mw.clientsock import bound_sends
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(server side, client side) of one loopback TCP connection; the client never reads."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # full sooner
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    with server, client:
+        yield server, client
+
+
+def send_timeout(sock: socket.socket) -> float:
+    sec, usec = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
+    return sec + usec / 1e6
+
+
+def test_a_write_the_client_does_not_take_fails_after_the_deadline(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 0.3)
+    assert restore is not None
+    assert send_timeout(server) == pytest.approx(0.3)
+    started = time.monotonic()
+    with pytest.raises(BlockingIOError):  # what a blocking socket's send says on SO_SNDTIMEO
+        for _ in range(10_000):  # 640 MB: far beyond any socket buffer
+            server.sendall(b"x" * 65536)
+    assert time.monotonic() - started < 30
+    restore()
+    assert send_timeout(server) == 0  # back to gunicorn's "never": the connection may serve more
+
+
+def test_the_previous_setting_is_what_comes_back(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 7, 0))
+    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.0"}, 2.5)
+    assert restore is not None and send_timeout(server) == pytest.approx(2.5)
+    restore()
+    assert send_timeout(server) == 7
+
+
+def test_nothing_is_touched_where_the_socket_is_not_one_requests_own(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    assert bound_sends({"SERVER_PROTOCOL": "HTTP/1.1"}, 1) is None  # not gunicorn
+    assert bound_sends({"gunicorn.socket": object(), "SERVER_PROTOCOL": "HTTP/1.1"}, 1) is None
+    # HTTP/2 multiplexes every stream over one socket: a deadline there is every stream's.
+    assert bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}, 1) is None
+    assert send_timeout(server) == 0
+
+
+def test_a_socket_already_closed_is_left_alone() -> None:
+    sock = socket.socket()
+    sock.close()
+    assert bound_sends({"gunicorn.socket": sock, "SERVER_PROTOCOL": "HTTP/1.1"}, 1) is None
+
+
+def test_restoring_after_the_client_is_gone_does_not_raise(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 1)
+    assert restore is not None
+    server.close()  # gunicorn closes a connection whose write failed before the body's close()
+    restore()
