@@ -93,19 +93,28 @@ class _Metrics:
         assert prom is not None
         self.pid = os.getpid()
         self.multiprocess = multiproc
+        # Made unregistered, then registered together: a gauge's value file may fail to open
+        # (the folder gone or read-only), and collectors registered before that would make
+        # every later attempt fail too (prometheus-client refuses a name twice).
         self.requests = prom.Counter("runner_mw_requests_total", "Requests on the gateway's routes",
-                                     ["route", "backend", "status"])
+                                     ["route", "backend", "status"], registry=None)
         self.upstream = prom.Histogram(
             "runner_mw_upstream_seconds", "Time from request to response headers (execute: whole call)",
             ["route", "backend"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.reloads = prom.Counter("runner_mw_reloads_total", "Config reload attempts", ["result"])
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=None)
+        self.reloads = prom.Counter("runner_mw_reloads_total", "Config reload attempts", ["result"],
+                                    registry=None)
         self.generation = prom.Gauge("runner_mw_config_generation", "Generation of the config in use",
-                                     multiprocess_mode="max")
+                                     multiprocess_mode="max", registry=None)
         self.inflight = prom.Gauge("runner_mw_inflight_requests", "Requests in flight on the gateway",
-                                   multiprocess_mode="livesum")
+                                   multiprocess_mode="livesum", registry=None)
+        for collector in self._collectors():
+            prom.REGISTRY.register(collector)
 
         self.pending = _Pending()
+
+    def _collectors(self) -> tuple[Any, ...]:
+        return (self.requests, self.upstream, self.reloads, self.generation, self.inflight)
 
     def after_fork(self) -> None:
         """A forked child starts with nothing pending (the parent's are the parent's) and
@@ -175,7 +184,7 @@ class _Metrics:
 
     def unregister(self) -> None:
         assert prom is not None
-        for collector in (self.requests, self.upstream, self.reloads, self.generation, self.inflight):
+        for collector in self._collectors():
             with contextlib.suppress(KeyError):
                 prom.REGISTRY.unregister(collector)
 
@@ -183,10 +192,14 @@ class _Metrics:
 _metrics: _Metrics | None = None
 _lock = threading.Lock()
 _failed_once = False
+#: Seconds between two attempts to make the metric objects when making them failed.
+RETRY_S = 10.0
+_failed_at: float | None = None
 
 
 def metrics() -> _Metrics | None:
-    """The process's metric objects, or None without prometheus-client.
+    """The process's metric objects, or None without prometheus-client or while they cannot
+    be made (a multiprocess folder that is missing or read-only: tried again every ``RETRY_S``).
 
     Made on first use; made again when the mode they were made in is not the one wanted now
     (``PROMETHEUS_MULTIPROC_DIR`` set after they were made, e.g. a master that imported the
@@ -195,11 +208,13 @@ def metrics() -> _Metrics | None:
     m = _metrics
     if m is not None and m.pid == current_pid():
         return m
-    return _remake() if AVAILABLE else None
+    if not AVAILABLE or (_failed_at is not None and time.monotonic() - _failed_at < RETRY_S):
+        return None
+    return _remake()
 
 
-def _remake() -> _Metrics:
-    global _metrics
+def _remake() -> _Metrics | None:
+    global _metrics, _failed_at
     with _lock:
         wanted = bool(os.environ.get(MULTIPROC_ENV))
         m = _metrics
@@ -210,7 +225,15 @@ def _remake() -> _Metrics:
             _use_multiprocess_values()
         if m is not None:
             m.unregister()
-        _metrics = _Metrics(wanted)
+            _metrics = None
+        try:
+            _metrics = _Metrics(wanted)
+        except Exception:
+            # Recording a metric never fails a request: without them, requests go on uncounted.
+            _failed_at = time.monotonic()
+            _report_once()
+            return None
+        _failed_at = None
         return _metrics
 
 
@@ -226,15 +249,20 @@ def _use_multiprocess_values() -> None:
 
 def _safely(record: Any, *args: Any) -> bool:
     """``record(*args)``; False (logged once per process) when it failed."""
-    global _failed_once
     try:
         record(*args)
     except Exception:  # e.g. the multiprocess folder was removed under us
-        if not _failed_once:
-            _failed_once = True
-            log.exception("runner_mw: recording a metric failed (reported once per process)")
+        _report_once()
         return False
     return True
+
+
+def _report_once() -> None:
+    """Log the exception being handled, the first time in this process."""
+    global _failed_once
+    if not _failed_once:
+        _failed_once = True
+        log.exception("runner_mw: recording a metric failed (reported once per process)")
 
 
 def _observe_all(child: Any, seconds: list[float]) -> None:
@@ -368,6 +396,11 @@ def setup_multiprocess(server: Any = None, parent: str | None = None) -> str | N
     inherited = bool(given) and owner.endswith(f":{given}") and owner.split(":", 1)[0] != str(os.getpid())
     if given and not inherited:
         path = given  # the operator's folder, or the one this process made already
+        if not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
+            # Requests still work (nothing is counted): said at start, not only at the first one.
+            getattr(server, "log", log).error(
+                "runner_mw: %s=%s is not a folder this process can write: no metrics until it is",
+                MULTIPROC_ENV, path)
     else:
         # None yet, or one made by another master (USR2 re-exec): it goes when that one exits.
         path = tempfile.mkdtemp(prefix="runner-mw-metrics-", dir=parent)

@@ -645,3 +645,43 @@ def test_totals_across_gunicorn_workers_and_a_killed_one(tmp_path: Path, preload
     for line in json_lines:
         doc = json.loads(line)
         assert {"time", "level", "logger", "message"} <= set(doc)
+
+
+def test_a_metrics_folder_that_cannot_be_written_fails_no_request(tmp_path: Path) -> None:
+    # An operator's PROMETHEUS_MULTIPROC_DIR that is missing (or read-only, or a full disk):
+    # requests go on uncounted, said once; once the folder is there, counting starts.
+    folder = tmp_path / "missing"
+    code = textwrap.dedent(f"""
+        import io, json, logging, os
+        import runner_mw.metrics as m
+        from runner_mw import RunnerMiddleware
+        logging.basicConfig(level=logging.ERROR)
+        m.RETRY_S = 0.0
+        m.setup_multiprocess()
+        open({str(tmp_path / "runner.yaml")!r}, "w").write(
+            "version: 1\\nbackend: d\\nbackends:\\n  d: {{kind: docker, url: 'http://127.0.0.1:9'}}\\n")
+        mw = RunnerMiddleware(lambda e, s: [], {str(tmp_path / "runner.yaml")!r}, reload_signal=False)
+        def get(path):
+            env = {{"REQUEST_METHOD": "GET", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+                   "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(), "SERVER_NAME": "x",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}}
+            out = []
+            body = b"".join(mw(env, lambda s, h, e=None: out.append(s)))
+            return out[0], body
+        before = [get(p)[0] for p in ("/runner/-/healthz", "/runner/-/healthz", "/runner/-/status")]
+        os.mkdir({str(folder)!r})
+        after = [get("/runner/-/healthz")[0] for _ in range(2)]
+        page = get("/runner/-/metrics")[1].decode()
+        print(json.dumps({{"before": before, "after": after, "page": page}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
+                          env={**clean_env(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(folder),
+                               "PYTHONPATH": str(REPO)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] == ["200 OK", "200 OK", "200 OK"]
+    assert out["after"] == ["200 OK", "200 OK"]
+    assert value(out["page"], "runner_mw_requests_total", route="gateway", backend="d", status="200") >= 1
+    assert proc.stderr.count(f"{folder} is not a folder this process can write") == 1  # at start
+    assert proc.stderr.count("recording a metric failed") == 1  # once, with the cause
+    assert "FileNotFoundError" in proc.stderr
