@@ -188,8 +188,14 @@ def post_worker_init(worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, when a worker died (any way, SIGKILL included): drop its live metric gauges."""
+    """Master, when a worker died (any way, SIGKILL included): drop its live metric gauges;
+    make sure the worker that replaces it finds the published state."""
     metrics.worker_exited(worker.pid)
+    if _master is not None and os.getpid() == _master_pid:
+        try:
+            _master.republish_if_gone()
+        except Exception:
+            server.log.exception("runner_mw: publishing the state again failed")
 
 
 def on_exit(server: Any) -> None:
@@ -235,6 +241,7 @@ class _Master:
         self.generation = 0
         self.good: Config | None = None  # the last config published as good
         self.ok = True  # whether the last attempt succeeded
+        self.error: str | None = None  # and if not, why
 
     def first_load(self) -> None:
         config = load_config(self.path)
@@ -247,6 +254,7 @@ class _Master:
     def handle_hup(self) -> None:
         """Replaces ``Arbiter.handle_hup``: nothing may escape into gunicorn's main loop."""
         try:
+            self.republish_if_gone()
             self.reload()
         except Exception:
             self.server.log.exception("runner_mw reload result=error: the attempt itself failed; "
@@ -289,6 +297,17 @@ class _Master:
                              self.generation, config.backend, config.sha256[:12],
                              ",".join(changed) or "-")
 
+    def republish_if_gone(self) -> None:
+        """Publish the last outcome again if its file is gone. The state lives in the
+        temporary folder, and a cleaner of old files there (systemd-tmpfiles ages the files
+        of a ``PrivateTmp`` too) removes it after days without a reload: a worker booting then
+        would read the YAML itself, and a broken one would stop it and the whole server."""
+        if self.good is None or os.path.exists(self.state_file):
+            return
+        self.server.log.warning("runner_mw: %s was removed (a cleaner of temporary files?); "
+                                "generation %d published again", self.state_file, self.generation)
+        self._publish(self.good, self.generation, ok=self.ok, error=self.error)
+
     def _trial_build(self, config: Config) -> None:
         # Catch what only building the backend finds; connection pools are made lazily,
         # so nothing is opened here (and nothing is shared with the workers).
@@ -309,6 +328,7 @@ class _Master:
             "data": dict(good.data),  # the last good data, also after a failed attempt
         }
         text = json.dumps(state, separators=(",", ":"))
+        self._make_folders()
         # The data holds interpolated secrets: 0600 file (mkstemp) in a 0700 folder (mkdtemp).
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.state_file), prefix=".state-")
         try:
@@ -323,7 +343,17 @@ class _Master:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self.seq, self.generation, self.good, self.ok = self.seq + 1, generation, good, ok
+        self.seq, self.generation, self.good, self.ok, self.error = self.seq + 1, generation, good, ok, error
+
+    def _make_folders(self) -> None:
+        """The state folder, and the metrics folder made in it, again if they were removed."""
+        folder = os.path.dirname(self.state_file)
+        inside = os.environ.get(metrics.MULTIPROC_ENV, "")
+        for path in (folder, inside if os.path.dirname(inside) == folder else ""):
+            if path and not os.path.isdir(path):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                if self.owner:
+                    os.chown(path, *self.owner)
 
 
 def _worker_owner(server: Any) -> tuple[int, int] | None:
@@ -366,6 +396,7 @@ def published_config(path: str) -> Config | None:
         log.exception("runner_mw: cannot read the master's state; reading %s", path)
         return None
     if poller.config is None or poller.state is None:
+        log.warning("runner_mw: the master's state %s is missing; reading %s", poller.state_file, path)
         return None
     if not _same_file(path, poller.state["source"]):
         log.warning("runner_mw: %s is not the file the gunicorn master reloads (%s=%s): "

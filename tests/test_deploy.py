@@ -276,6 +276,9 @@ def test_systemd_unit_runs_gunicorn_and_reloads_with_hup() -> None:
     argv = shlex.split(start)
     assert argv[0].endswith("/gunicorn") and argv[1] == "-c" and argv[2].endswith("/config/gunicorn.conf.py")
     assert any(v.startswith("RUNNER_MW_CONFIG=") for v in service["Environment"])
+    # The hooks' state folder in a runtime directory, which tmp cleaners do not age.
+    assert service["RuntimeDirectory"] == ["runner-mw"]
+    assert "TMPDIR=%t/runner-mw" in service["Environment"]
     assert "Install" in sections and "Unit" in sections
 
 

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -586,3 +587,34 @@ def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
             assert got < total  # the server dropped it; the body never looked whole
         assert server.workers() == pids  # no worker died of it
         assert requests.get(server.base + ASSET, timeout=T).status_code == 200
+
+
+def test_a_state_folder_removed_by_a_tmp_cleaner_is_published_again(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # systemd-tmpfiles ages the files of a PrivateTmp too: after days without a reload the
+    # published state (and the metrics folder in it) may be gone. A worker booting then must
+    # still start from the last good config, not from a file broken in the meantime.
+    with gunicorn(tmp_path, config_file) as server:
+        docs = server.ready()
+        (state_dir,) = server.tmpdir.iterdir()
+        shutil.rmtree(state_dir)
+        config_file.write_text(BROKEN, encoding="utf-8")  # an edit in progress, no HUP
+        gone = min(docs)
+        os.kill(gone, signal.SIGKILL)
+        new = server.all_workers(lambda d: d["pid"] != gone, "a new worker")
+        assert server.alive() and "Worker failed to boot" not in server.text()
+        assert all(d["generation"] == 1 and d["backend"] == "a" for d in new.values())
+        assert (state_dir / "state.json").is_file()
+        assert log_lines(server, r"was removed \(a cleaner of temporary files\?\); generation 1 published")
+        # A HUP now is a failed reload like any other (not "the attempt itself failed")...
+        shutil.rmtree(state_dir)
+        server.hup()
+        server.all_workers(lambda d: not d["last_reload"]["ok"] and BROKEN_LINE in d["last_reload"]["error"],
+                           "the failure")
+        assert not log_lines(server, "the attempt itself failed")
+        # ... and the fixed file is generation 2 everywhere, metrics counted in the folder again.
+        config_file.write_text(config_text(runners[1]), encoding="utf-8")
+        server.hup()
+        server.all_workers(lambda d: d["backend"] == "b" and d["generation"] == 2, "generation 2")
+        with requests.get(server.base + "/runner/-/metrics", headers=CLOSE, timeout=10) as resp:
+            assert resp.status_code == 200
