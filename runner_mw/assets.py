@@ -7,6 +7,7 @@ and streams the reply back chunk by chunk (memory stays flat for a 256 MB asset)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,13 @@ CLIENT_CLOSED = 499
 
 
 class StreamedBody:
-    """The WSGI iterable of a proxied asset. ``close()`` (the server always calls it, also
-    when the client went away) releases the upstream connection, then calls ``done`` with
-    ``status`` (all sent), 502 (the runner broke off) or ``CLIENT_CLOSED``."""
+    """The WSGI iterable of a proxied asset. Once it is done it releases the upstream
+    connection, then calls ``done`` with ``status`` (all sent), 502 (the runner broke off) or
+    ``CLIENT_CLOSED``: when the last piece has been handed out, else at ``close()``, else
+    when it is collected. PEP 3333 says the server always calls ``close()``, but werkzeug's
+    server skips it when the client resets the connection while it reads away what is left
+    of the request: each such client would keep a pool connection for good, and after
+    ``pool_size`` of them every request would be a 503."""
 
     def __init__(self, upstream: AssetResponse, done: Callable[[int], None], status: int,
                  first: bytes = b"", restore: Callable[[], None] | None = None) -> None:
@@ -49,6 +54,7 @@ class StreamedBody:
         self._first = first
         self._complete = False
         self._broken = False
+        self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self._first:
@@ -64,8 +70,20 @@ class StreamedBody:
             self._broken = True
             raise
         self._complete = True
+        self._finish()  # all handed out: the connection goes back now, whatever the server does
 
     def close(self) -> None:
+        self._finish()
+
+    def __del__(self) -> None:
+        # The last resort, for a server that never calls close() (see the class).
+        with contextlib.suppress(Exception):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
         # A server may stop asking once Content-Length bytes are out (PEP 3333 allows it):
         # the body was whole even though the iterator was not run to its end.
         complete = self._complete or (not self._broken and self._upstream.complete())

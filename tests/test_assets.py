@@ -298,6 +298,45 @@ def test_a_streamed_body_is_logged_as_what_became_of_it() -> None:
     assert logged == [200]
 
 
+def test_a_streamed_body_gives_the_connection_back_without_close() -> None:
+    # werkzeug's server skips close() when the client resets during its drain of the request.
+    closed: list[bool] = []
+    upstream = AssetResponse(200, [], iter([b"a", b"b"]), close=lambda: closed.append(True))
+    logged: list[int] = []
+    body = StreamedBody(upstream, logged.append, 200)
+    assert list(body) == [b"a", b"b"]
+    assert closed == [True] and logged == [200]  # at the last piece, not at close()
+    body.close()
+    assert closed == [True] and logged == [200]  # once
+    # Abandoned halfway and never closed: released when collected.
+    upstream = AssetResponse(200, [], iter([b"a", b"b"]), close=lambda: closed.append(True))
+    body = StreamedBody(upstream, logged.append, 200)
+    pieces = iter(body)
+    assert next(pieces) == b"a"
+    del pieces, body
+    assert closed == [True, True] and logged == [200, 499]
+
+
+def test_clients_that_reset_after_a_streamed_asset_under_werkzeug_leave_the_pool_whole() -> None:
+    # Each client reads the whole body, then resets with a stray byte after its request:
+    # werkzeug's server raises while reading that byte away and never calls close().
+    with running_gateway(upstream={"pool_size": 2, "pool_wait_ms": 200}) as gw:
+        assert gw.runner is not None
+        gw.runner.stream_asset("/ext-ui/big/", 150_000)
+        for _ in range(4):
+            with socket.create_connection((HOST, gw.port), timeout=10) as sock:
+                sock.sendall(b"GET /runner/ext-ui/big/h/file.bin HTTP/1.1\r\nHost: x\r\n\r\nX")
+                got = b""
+                while not (got.count(b"\r\n\r\n") and len(got.partition(b"\r\n\r\n")[2]) >= 150_000):
+                    piece = sock.recv(65536)
+                    assert piece, got[:200]
+                    got += piece
+                assert got.startswith(b"HTTP/1.1 200")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        for _ in range(3):
+            assert gw.get("/runner/ext-ui/big/h/file.bin").status_code == 200  # not 503 "overloaded"
+
+
 def access_statuses(caplog: pytest.LogCaptureFixture, rid: str) -> list[str]:
     return [r.getMessage().partition(" status=")[2].partition(" ")[0] for r in caplog.records
             if r.name == "runner_mw.access" and f"request_id={rid}" in r.getMessage()]
