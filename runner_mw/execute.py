@@ -144,10 +144,10 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         headers[name] = ctx[key]
     idem = headers.get("x-idempotency-key")
     if idem is not None:
-        # The runner's replay cache is global, not per tenant: a key chosen by one tenant
-        # must never replay another tenant's result, so the key is bound to who sent it.
-        scope = f"{ctx['tenant_id']}\0{ctx['extension_id']}\0{idem}".encode()
-        headers["x-idempotency-key"] = hashlib.sha256(scope).hexdigest()
+        if idem.strip():
+            headers["x-idempotency-key"] = bound_idempotency_key(envelope, idem)
+        else:  # an empty key is no key (the runner ignores one), never one shared by every caller
+            del headers["x-idempotency-key"]
     headers["x-request-id"] = rid
     headers["content-type"] = "application/json"
     headers["accept-encoding"] = "identity"
@@ -162,6 +162,21 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         if problem:
             raise _Refused(400, "invalid_request", problem) from None
         return _COMPACT.encode(envelope).encode(), headers  # compact_json's own fallback
+
+
+def bound_idempotency_key(envelope: dict[str, Any], key: str) -> str:
+    """The idempotency key the runner sees: the caller's, bound to the whole call as checked
+    and bound by ``execute_hook`` (tenant, extension, install, user, the request itself), but
+    for ``context.request_id``. The runner's replay cache is global: a key that another
+    tenant, another user of the same tenant, or the same caller for another call happens to
+    use must never replay a result that is not theirs. A retry (the same call) replays."""
+    ctx = envelope["context"]
+    call = {**envelope, "context": {k: v for k, v in ctx.items() if k != "request_id"}}
+    try:
+        canonical = orjson.dumps(call, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson refuses (integers beyond 64 bits, lone surrogates)
+        canonical = json.dumps(call, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass") + b"\0" + canonical).hexdigest()
 
 
 def read_body(environ: Mapping[str, Any], limit: int) -> bytes:

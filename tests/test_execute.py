@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
+import re
 import socket
 import time
 from typing import Any
@@ -274,21 +274,48 @@ def test_the_request_id_is_kept_or_made_and_put_in_the_context(gateway: Gateway)
     assert sent_envelope(gateway)["context"]["request_id"] == rid
 
 
-def scoped_key(tenant: str, extension: str, key: str) -> str:
-    return hashlib.sha256(f"{tenant}\0{extension}\0{key}".encode()).hexdigest()
-
-
 def test_idempotency_key_is_passed_bound_to_its_caller_and_replays(gateway: Gateway) -> None:
-    # The runner's replay cache is global: the gateway forwards the key bound to tenant and extension.
+    # The runner's replay cache is global: the gateway forwards the key bound to the whole call.
     first = gateway.execute(headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "one"})
     second = gateway.execute(headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "two"})
     other = gateway.execute(envelope(tenant_id="tenant-2"),
                             headers={"X-Idempotency-Key": "idem-1", "X-Request-Id": "three"})
     keys = [r.headers["x-idempotency-key"] for r in gateway.runner.received]
-    assert keys == [scoped_key(TENANT, EXT, "idem-1")] * 2 + [scoped_key("tenant-2", EXT, "idem-1")]
+    assert keys[0] == keys[1] != keys[2]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)  # never the caller's own text
     assert first.content == second.content  # the runner's cached reply, request id "one" inside
     assert echo(second)["request_id"] == "one"
     assert echo(other)["request_id"] == "three" and echo(other)["tenant"] == "tenant-2"
+
+
+def test_an_idempotency_key_replays_only_the_same_call_of_the_same_caller(gateway: Gateway) -> None:
+    # Bound only to tenant + extension, one user's key replayed another user's result (their
+    # data) and a reused key replayed another call's. A client's own request_id does not count.
+    def call(user: str, path: str, request_id: str) -> dict[str, Any]:
+        env = envelope(request_id=request_id)
+        env["http"]["path"] = path
+        env["user"] = {"user_id": user, "user_email": f"{user}@x", "user_name": user, "user_type": "internal"}
+        resp = gateway.execute(env, headers={"X-Idempotency-Key": "save-1"})
+        assert resp.status_code == 200
+        return echo(resp)
+
+    alice = call("alice", "/notes/1", "r1")
+    assert call("bob", "/notes/1", "r2")["request_id"] == "r2"  # not alice's reply
+    assert call("alice", "/notes/2", "r3")["request_id"] == "r3"  # another call
+    assert call("alice", "/notes/1", "r4") == alice  # a retry of the same call replays
+    keys = [r.headers["x-idempotency-key"] for r in gateway.runner.received]
+    assert len(set(keys)) == 3 and keys[0] == keys[3]
+
+
+def test_an_empty_idempotency_key_is_no_key(gateway: Gateway) -> None:
+    key = ""  # (servers strip a value's surrounding whitespace: "  " arrives as this)
+    # Hashed, "" became a real key shared by every caller of a tenant: the second got the first's reply.
+    one, two = envelope(), envelope()
+    one["http"]["path"], two["http"]["path"] = "/one", "/two"
+    first = gateway.execute(one, headers={"X-Idempotency-Key": key})
+    second = gateway.execute(two, headers={"X-Idempotency-Key": key})
+    assert echo(first)["path"].startswith("/one") and echo(second)["path"].startswith("/two")
+    assert all("x-idempotency-key" not in r.headers for r in gateway.runner.received)
 
 
 def test_allowed_headers_pass_and_everything_else_is_dropped(gateway: Gateway) -> None:
