@@ -33,6 +33,10 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
             return "${"
         if match.group(1) is None:
             raise ValueError("unterminated '${' (write '$${' for a literal '${')")
+        if "${" in match.group(1):
+            # ${A:-${B}} would end at B's '}': the default would be the text "${B" (then "}").
+            raise ValueError("a ${...} inside a ${...} is not supported (shells and Compose nest "
+                             "defaults; here, give the variable itself a value)")
         expr = _EXPR.fullmatch(match.group(1))
         if expr is None:
             raise ValueError(f"invalid expression {whole!r}: expected ${{NAME}} or ${{NAME:-default}}")
@@ -127,7 +131,12 @@ def resolve_files(data: Any, base_dir: Path, path: KeyPath = (),
         except UnicodeDecodeError:
             problems.append(((*here, "file"), f"secret file {str(target)!r} is not UTF-8 text"))
             return None
-        return text[:-1] if text.endswith("\n") else text
+        text = text[:-1] if text.endswith("\n") else text
+        if not text.strip():
+            # Never "no token": most likely a file caught while it is rewritten in place.
+            problems.append(((*here, "file"), f"secret file {str(target)!r} is empty"))
+            return None
+        return text
 
     return walk(data, path), problems
 

@@ -245,7 +245,8 @@ def _explain(error: ValidationError) -> list[tuple[KeyPath, str]]:
         expected = schema.get("x-error") or f"is invalid ({error.validator})"
         return [(path, f"the value (not shown: a secret) {expected}")]
     if "x-error" in schema:
-        return [(path, f"{_short(error.instance)} {schema['x-error']}")]
+        shown = _masked_url(error.instance) if isinstance(error.instance, str) else error.instance
+        return [(path, f"{_short(shown)} {schema['x-error']}")]
     if "propertyNames" in error.schema_path:
         return [((*path, str(error.instance)),
                  f"invalid name {error.instance!r}: use 1-64 letters, digits, '_', '.', '-'")]
@@ -307,7 +308,7 @@ def _semantic_issues(data: dict[str, Any], base_dir: Path, issues: _Issues, *, c
             if isinstance(value, str) and value.startswith("http"):
                 problem = _url_problem(value, request_line=key == "url")
                 if problem:
-                    issues.add_new(("backends", name, key), f"{value!r} {problem}")
+                    issues.add_new(("backends", name, key), f"{_masked_url(value)!r} {problem}")
         ca = entry.get("ca_bundle")
         if isinstance(ca, str) and check_files:
             problem = _ca_problem(_resolve(ca, base_dir))
@@ -468,6 +469,18 @@ def _plain(value: Any) -> Any:
 def _type_name(value: Any) -> str:
     return {list: "a list", str: "a string", int: "a number", float: "a number",
             bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+_URL_PARTS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)?([^?#]*)([?#].*)?", re.S)
+
+
+def _masked_url(text: str) -> str:
+    """``text`` with a URL's ``user:password@``, query and fragment starred (they are refused,
+    but may be credentials: an error message must not carry them to a terminal or a log)."""
+    found = _URL_PARTS.fullmatch(text)
+    if not found or not (found[2] or found[4]):
+        return text
+    return found[1] + ("***@" if found[2] else "") + found[3] + (found[4][0] + "***" if found[4] else "")
 
 
 def _short(value: Any) -> str:

@@ -59,6 +59,9 @@ def test_interpolate(text: str, expected: str) -> None:
         ("${A B}", "invalid expression"),
         ("${A:default}", "invalid expression"),
         ("${UNSET_VAR}", "environment variable UNSET_VAR is not set and has no default"),
+        # Compose and shells nest defaults; read here, the default was the text "${B" + "}".
+        ("${UNSET_VAR:-${HOST}}", "a ${...} inside a ${...} is not supported"),
+        ("x${A:-${B:-c}}y", "a ${...} inside a ${...} is not supported"),
     ],
 )
 def test_interpolate_errors(text: str, message: str) -> None:
@@ -263,6 +266,28 @@ def test_secret_file_oversize(tmp_path: Path) -> None:
     [issue] = info.value.issues
     assert (issue.line, issue.path) == (8, "upstream.service_token.file")
     assert f"larger than {MAX_SECRET_FILE_BYTES} bytes" in issue.message
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n"])
+def test_secret_file_empty_is_an_error_not_no_token(tmp_path: Path, content: bytes) -> None:
+    # Most likely a file caught while it is rewritten in place: a reload then kept the last
+    # config but dropped its token, silently.
+    (tmp_path / "token").write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, "token"), env={})
+    [issue] = info.value.issues
+    assert (issue.line, issue.path) == (8, "upstream.service_token.file")
+    assert "is empty" in issue.message
+
+
+def test_a_nested_default_in_a_secret_is_an_error_not_a_literal_token(tmp_path: Path) -> None:
+    target = tmp_path / "runner.yaml"
+    target.write_text(BASE + "upstream:\n  service_token: ${RUNNER_SERVICE_TOKEN:-${LEGACY_TOKEN}}\n",
+                      encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(target, env={"LEGACY_TOKEN": "abcdefabcdefabcdef"})
+    [issue] = info.value.issues
+    assert (issue.line, issue.path) == (8, "upstream.service_token")
 
 
 def test_secret_file_exactly_at_the_cap_is_read(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import json
 import shutil
 import time
 import tracemalloc
@@ -864,3 +865,22 @@ def test_a_config_naming_no_file_keeps_its_own_sha256(tmp_path: Path) -> None:
     file = tmp_path / "runner.yaml"
     file.write_text("version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: http://127.0.0.1:1\n")
     assert load_config(file).sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("key", "url", "shown"), [
+    ("url", "http://admin:Hunter2Secret@127.0.0.1:8085", "'http://***@127.0.0.1:8085'"),
+    ("url", "http://127.0.0.1:8085/?token=Hunter2Secret", "'http://127.0.0.1:8085/?***'"),
+    ("url", "http://127.0.0.1:8085/x#Hunter2Secret", "'http://127.0.0.1:8085/x#***'"),
+    ("public_base", "https://u:Hunter2Secret@cdn.example/ext?Hunter2Secret", "'https://***@cdn.example/ext?***'"),
+])
+def test_a_refused_url_is_not_echoed_with_its_credentials(
+        tmp_path: Path, key: str, url: str, shown: str) -> None:
+    # The error goes to a terminal, the master's journal line and every worker's status.
+    file = tmp_path / "runner.yaml"
+    entry = {"kind": "docker", "url": "http://127.0.0.1:8085", key: url}
+    file.write_text(json.dumps({"version": 1, "backend": "d", "backends": {"d": entry}}), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    assert "Hunter2Secret" not in str(err.value)
+    (issue,) = err.value.issues
+    assert issue.path == f"backends.d.{key}" and issue.line == 1 and issue.message.startswith(shown), issue
