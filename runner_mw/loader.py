@@ -60,8 +60,10 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problem = f"file is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise ConfigError([ConfigIssue(file, None, "", problem)]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        problem = f"file is not UTF-8 text ({exc.reason} at column {column}, byte {exc.start})"
+        raise ConfigError([ConfigIssue(file, line, "", problem)]) from None
     return config_from_text(text, file=file, base_dir=config_dir(file), env=env,
                             sha256=hashlib.sha256(raw).hexdigest())
 

@@ -33,8 +33,15 @@ def dotted(path: Path) -> str:
     return out
 
 
+#: Deeper nesting is refused: a config is a few levels deep, and PyYAML's composer (and the
+#: builder below) recurse once per level, so a 1 KB file of brackets would be a RecursionError.
+MAX_DEPTH = 32
+
+
 class _NoAliasLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses anchors and aliases while composing."""
+    """A SafeLoader that refuses anchors, aliases and nesting deeper than ``MAX_DEPTH``."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -48,7 +55,19 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.MarkedYAMLError(
                 None, None, "anchors (&name) are not allowed in runner_mw config", event.start_mark
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise yaml.MarkedYAMLError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+# Messages that never hold the value's text: shown as they are for a secret too.
+_VALUE_FREE = ("environment variable ", "duplicate key ")
 
 
 class _Builder:
@@ -115,7 +134,7 @@ class _Builder:
         return key
 
     def _issue(self, line: int, path: Path, message: str) -> None:
-        if any(part in self.secret_keys for part in path) and not message.startswith("environment variable "):
+        if any(part in self.secret_keys for part in path) and not message.startswith(_VALUE_FREE):
             # Tag and ${...} errors quote the raw text: never for a secret (logs, terminals).
             message = "the value (not shown: a secret) cannot be read: check its YAML tag and ${...} syntax"
         self.issues.append(ConfigIssue(self.file, line, dotted(path), message))

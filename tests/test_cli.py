@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from runner_mw.cli import main
+from runner_mw.errors import ConfigError
+from runner_mw.loader import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER_YAML = REPO / "config" / "runner.yaml"
@@ -276,6 +278,7 @@ def test_check_never_raises_on_odd_yaml(tmp_path: Path, capsys: pytest.CaptureFi
         ("merge", "metrics:\n  <<: {enabled: true}\n"),
         ("tag", "metrics: {enabled: !maybe x}\n"),
         ("bad-int", "upstream: {pool_size: !!int x}\n"),
+        ("deep", "metrics: " + "[" * 5000 + "]" * 5000 + "\n"),
     ]
     for name, tail in odd:
         target = tmp_path / f"{name}.yaml"
@@ -288,3 +291,31 @@ def test_check_never_raises_on_odd_yaml(tmp_path: Path, capsys: pytest.CaptureFi
         if code != 1 or not re.search(rf"{re.escape(str(target))}:[56]:", capsys.readouterr().err):
             failures.append(name)
     assert failures == []
+
+
+def test_a_duplicate_secret_key_says_so_without_the_values(tmp_path: Path) -> None:
+    target = tmp_path / "dup.yaml"
+    target.write_text("version: 1\nbackend: d\nbackends:\n  d: {kind: docker, url: 'http://x'}\n"
+                      "upstream:\n  service_token: aaaaaaaaaaaaaaaaaaaa\n"
+                      "  service_token: bbbbbbbbbbbbbbbbbbbb\n",
+                      encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(target)
+    (issue,) = err.value.issues
+    assert issue.line == 7 and issue.message == "duplicate key 'service_token' (first at line 6)"
+    assert "aaaa" not in str(err.value) and "bbbb" not in str(err.value)
+
+
+def test_check_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    target = tmp_path / "bad.yaml"
+    target.write_text("version: 2\n" * 1 + "backends: {}\n" + "".join(f"x{i}: 1\n" for i in range(3000)),
+                      encoding="utf-8")
+    code = f"import sys; from runner_mw.cli import main; sys.exit(main(['check', '--json', {str(target)!r}]))"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(10)
+        proc.stdout.close()  # as "| head -c 10" does
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

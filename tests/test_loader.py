@@ -271,7 +271,11 @@ CASES: list[Any] = [
     ("syntax-error-indent", "version: 1\n  backend: docker\n",
      [(2, "", "YAML syntax error: column 10: mapping values are not allowed here")]),
     ("two-documents", BASE + "---\nversion: 1\n", [(7, "", "YAML syntax error: column 1")]),
-    ("non-utf8", BASE.encode() + b"# caf\xe9\n", [(None, "", "not UTF-8 text")]),
+    ("non-utf8", BASE.encode() + b"# caf\xe9\n",
+     [(7, "", "not UTF-8 text (invalid continuation byte at column 6")]),
+    # PyYAML's composer recurses per level: 1 KB of brackets was a RecursionError.
+    ("deep-nesting", BASE + "metrics: " + "[" * 500 + "]" * 500 + "\n",
+     [(7, "", "YAML syntax error: column 41: nested deeper than 32 levels")]),
     ("larger-than-cap", _oversize, [(None, "", f"larger than {MAX_CONFIG_BYTES} bytes")]),
     ("missing-file", _missing, [(None, "", "cannot read file: No such file or directory")]),
     ("directory", _directory, [(None, "", "cannot read file: Is a directory")]),
