@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -134,7 +135,9 @@ def handle_asset(
             out = [(n, v) for n, v in out if n.lower() != "cache-control"]
             out.append(("Cache-Control", "no-store"))
         if location:
-            out = [_relocate(n, v, environ, snap.config.asset_prefixes, _origins(active)) for n, v in out]
+            prefixes, origins = snap.config.asset_prefixes, _origins(active)
+            relocated = (_relocate(n, v, environ, prefixes, origins) for n, v in out)
+            out = [header for header in relocated if header is not None]
         out.append(("X-Request-Id", rid))
         whole = upstream.complete()  # (a backend's own code: inside this guard)
         start_response(status_line(upstream.status), out)
@@ -171,20 +174,42 @@ def _origins(active: Any) -> tuple[str, ...]:
 
 
 def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[str, ...],
-              origins: tuple[str, ...]) -> tuple[str, str]:
+              origins: tuple[str, ...]) -> tuple[str, str] | None:
     """A redirect to one of the runner's assets (``/ext-ui/...``, relative or on one of its
-    own origins) becomes ``/runner/ext-ui/...`` here; any other Location is passed as the
-    runner sent it (never re-pointed at the host app's origin)."""
+    own origins) becomes ``/runner/ext-ui/...`` here. One to any other place on the runner,
+    or to a path from the root (which the browser would resolve on the host app's origin),
+    or a relative one that climbs with dot segments, is dropped (None): the runner's address
+    stays internal, and the runner cannot send a browser to the host app's pages. A relative
+    path (it stays below the asset's folder) and another origin's URL pass as sent."""
     if name.lower() != "location":
         return name, value
-    path = value
+    path, on_runner = value, False
     for origin in origins:
         if value[:len(origin) + 1].lower() == origin.lower() + "/":
-            path = value[len(origin):]
+            path, on_runner = value[len(origin):], True
             break
     if _asset_path(path, prefixes):
         return name, script_path(environ.get("SCRIPT_NAME", "")) + "/runner" + path
-    return name, value
+    if not on_runner:
+        if path.startswith("//") or _SCHEME.match(path):
+            return name, value  # another origin: the runner's to choose
+        if not path.startswith(("/", "\\")) and _plain_relative(path):
+            return name, value  # below the redirecting asset's folder, under /runner/
+    log.info("runner_mw: a runner redirect outside the assets was dropped (its Location is not passed)")
+    return None
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _plain_relative(path: str) -> bool:
+    """A relative reference with no dot segment (literal or encoded), backslash or control
+    character: it resolves below the folder of the asset that redirects."""
+    if not path.isprintable():
+        return False
+    target = path.split("?", 1)[0].split("#", 1)[0]
+    return all(unquote(segment) not in (".", "..") and "\\" not in unquote(segment)
+               for segment in target.split("/"))
 
 
 def _asset_path(path: str, prefixes: tuple[str, ...]) -> bool:
