@@ -151,6 +151,18 @@ def unicode_problem(env: dict[str, Any]) -> str | None:
     providers = env.get("providers")
     if isinstance(providers, list) and not all(_unicode(p) for p in providers):
         return "providers holds text that is not valid Unicode (a lone surrogate escape)"
+    # A key anywhere: the runner's parser reads every key as text (to match a field name,
+    # also one it then ignores). Values it ignores it only skips. (A loop, not recursion:
+    # the body may nest as deep as json.loads allows.)
+    stack: list[Any] = [env]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if not all(_unicode(key) for key in node):
+                return "a key holds text that is not valid Unicode (a lone surrogate escape)"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return None
 
 
