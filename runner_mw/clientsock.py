@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,10 @@ def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] |
     http1 = str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1")
     if not (http1 and isinstance(sock, socket.socket)):
         return None
+    if isinstance(sock, ssl.SSLSocket):
+        # TLS (gunicorn's certfile): a blocking SSL write retries the kernel's EAGAIN by itself
+        # (OpenSSL's WANT_WRITE), so SO_SNDTIMEO would never end it. A Python timeout does.
+        return _python_timeout(sock, seconds)
     try:
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_BYTES)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
@@ -42,5 +47,19 @@ def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] |
     def restore() -> None:
         with contextlib.suppress(OSError):  # the client is gone and the socket with it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, before)
+
+    return restore
+
+
+def _python_timeout(sock: ssl.SSLSocket, seconds: float) -> Callable[[], None] | None:
+    try:
+        before = sock.gettimeout()
+        sock.settimeout(seconds)
+    except OSError:
+        return None
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(before)
 
     return restore

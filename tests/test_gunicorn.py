@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -618,3 +619,43 @@ def test_a_state_folder_removed_by_a_tmp_cleaner_is_published_again(
         server.all_workers(lambda d: d["backend"] == "b" and d["generation"] == 2, "generation 2")
         with requests.get(server.base + "/runner/-/metrics", headers=CLOSE, timeout=10) as resp:
             assert resp.status_code == 200
+
+
+def test_a_tls_client_that_stops_reading_a_streamed_asset_is_cut_too(
+        tmp_path: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # gunicorn's certfile: a blocking SSL write retries the kernel's EAGAIN by itself, so the
+    # deadline must be Python's own timeout there (SO_SNDTIMEO alone never ended it).
+    a = runners[0]
+    a.stream_asset("/ext-ui/big/", 256 * 1024 * 1024)
+    file = tmp_path / "runner.yaml"
+    file.write_text(config_text(a, read_ms=1000), encoding="utf-8")
+    _self_signed(tmp_path)
+    server = Gunicorn(tmp_path, file)
+    server.args[-1:-1] = ["--certfile", str(tmp_path / "c.pem"), "--keyfile", str(tmp_path / "k.pem")]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    request = b"GET %s HTTP/1.1\r\nHost: x\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n"
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection((HOST, server.port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw) as tls:
+                tls.sendall(request % (b"/runner/-/status", b"probe"))
+                return tls.recv(12) == b"HTTP/1.1 200"
+        except OSError:
+            return False
+
+    server.start()
+    try:
+        wait_until(answers, what="gunicorn to answer over TLS")
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((HOST, server.port))
+        with ctx.wrap_socket(raw) as client:
+            client.sendall(request % (b"/runner/ext-ui/big/h/file.bin", b"stalls"))
+            assert client.recv(12) == b"HTTP/1.1 200"
+            wait_until(lambda: log_lines(server, r"status=499 .*request_id=stalls\b"),
+                       what="the stalled TLS client's access line (499)")
+        assert answers()  # the worker serves on
+    finally:
+        server.stop()
