@@ -384,7 +384,9 @@ def _url_problem(url: str, *, request_line: bool = False) -> str | None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        return f"is not a valid URL: {exc}"
+        # urlsplit quotes the text it took for a port, which may be part of a password.
+        why = "its port is not a number" if "could not be cast" in str(exc) else str(exc)
+        return f"is not a valid URL: {why}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "is not an http(s) URL with a host"
     if request_line and not url.isascii():  # (control characters: _control_issues)
@@ -473,7 +475,8 @@ def _type_name(value: Any) -> str:
             bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
-_URL_PARTS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)?([^?#]*)([?#].*)?", re.S)
+# Up to the last "@": a password may hold "/", "?" or "#" (over-masking a path is harmless).
+_URL_PARTS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*@)?([^?#]*)([?#].*)?", re.S)
 
 
 def _masked_url(text: str) -> str:

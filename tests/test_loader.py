@@ -876,6 +876,11 @@ def test_a_config_naming_no_file_keeps_its_own_sha256(tmp_path: Path) -> None:
     ("url", "http://127.0.0.1:8085/?token=Hunter2Secret", "'http://127.0.0.1:8085/?***'"),
     ("url", "http://127.0.0.1:8085/x#Hunter2Secret", "'http://127.0.0.1:8085/x#***'"),
     ("public_base", "https://u:Hunter2Secret@cdn.example/ext?Hunter2Secret", "'https://***@cdn.example/ext?***'"),
+    # A password may hold "/", "#" or "?" (base64): masked up to the last "@".
+    ("url", "https://svc:Zm9v/Hunter2Secret+Kw==@runner.example", "'https://***@runner.example'"),
+    ("url", "https://svc:pa#Hunter2Secret@runner.example", "'https://***@runner.example'"),
+    ("url", "https://svc:pa?Hunter2Secret@runner.example", "'https://***@runner.example'"),
+    ("url", "https://svc:Hunter2Secret@runner.example:80a", "'https://***@runner.example:80a'"),
 ])
 def test_a_refused_url_is_not_echoed_with_its_credentials(
         tmp_path: Path, key: str, url: str, shown: str) -> None:
