@@ -241,7 +241,7 @@ class _Master:
         self.generation = 0
         self.good: Config | None = None  # the last config published as good
         self.ok = True  # whether the last attempt succeeded
-        self.error: str | None = None  # and if not, why
+        self.text = ""  # the state file's text as last written
 
     def first_load(self) -> None:
         config = load_config(self.path)
@@ -306,7 +306,9 @@ class _Master:
             return
         self.server.log.warning("runner_mw: %s was removed (a cleaner of temporary files?); "
                                 "generation %d published again", self.state_file, self.generation)
-        self._publish(self.good, self.generation, ok=self.ok, error=self.error)
+        # Byte for byte (same seq and time): a worker that read it already sees nothing new,
+        # and a failed attempt is not counted again.
+        self._write(self.text)
 
     def _trial_build(self, config: Config) -> None:
         # Catch what only building the backend finds; connection pools are made lazily,
@@ -328,6 +330,10 @@ class _Master:
             "data": dict(good.data),  # the last good data, also after a failed attempt
         }
         text = json.dumps(state, separators=(",", ":"))
+        self._write(text)
+        self.seq, self.generation, self.good, self.ok, self.text = self.seq + 1, generation, good, ok, text
+
+    def _write(self, text: str) -> None:
         self._make_folders()
         # The data holds interpolated secrets: 0600 file (mkstemp) in a 0700 folder (mkdtemp).
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.state_file), prefix=".state-")
@@ -343,7 +349,6 @@ class _Master:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self.seq, self.generation, self.good, self.ok, self.error = self.seq + 1, generation, good, ok, error
 
     def _make_folders(self) -> None:
         """The state folder, and the metrics folder made in it, again if they were removed."""

@@ -610,9 +610,18 @@ def test_a_state_folder_removed_by_a_tmp_cleaner_is_published_again(
         # A HUP now is a failed reload like any other (not "the attempt itself failed")...
         shutil.rmtree(state_dir)
         server.hup()
-        server.all_workers(lambda d: not d["last_reload"]["ok"] and BROKEN_LINE in d["last_reload"]["error"],
-                           "the failure")
+        docs = server.all_workers(
+            lambda d: not d["last_reload"]["ok"] and BROKEN_LINE in d["last_reload"]["error"], "the failure")
         assert not log_lines(server, "the attempt itself failed")
+        # Published again after that (a worker died): the same outcome, not a new failure.
+        (at,) = {d["last_reload"]["at"] for d in docs.values()}
+        wait_until(lambda: _failed_reloads(server) == 2, what="one failed attempt counted by each worker")
+        (state_dir / "state.json").unlink()
+        gone = min(docs)
+        os.kill(gone, signal.SIGKILL)
+        new = server.all_workers(lambda d: d["pid"] != gone, "a new worker")
+        assert all(d["last_reload"]["at"] == at and not d["last_reload"]["ok"] for d in new.values())
+        assert _failed_reloads(server) == 2
         # ... and the fixed file is generation 2 everywhere, metrics counted in the folder again.
         config_file.write_text(config_text(runners[1]), encoding="utf-8")
         server.hup()
