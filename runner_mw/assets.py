@@ -32,6 +32,14 @@ log = logging.getLogger("runner_mw")
 #: the CSP with it, "1" an ETag. (A real token is a long random string.)
 MIN_SCANNED = 16
 
+#: Every asset response is sandboxed by itself, not only inside the host's
+#: ``<iframe sandbox="allow-scripts">``: a link that opens an extension's page directly would
+#: otherwise run it on the host app's origin (its cookies, a credentialed ``/v1/execute``).
+#: A second CSP header (browsers enforce each one, so the runner's own policy holds too); no
+#: ``allow-same-origin`` and no top navigation: an opaque origin, as in the iframe.
+SANDBOX = ("Content-Security-Policy",
+           "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads")
+
 #: The status logged and counted when the client left before the body was whole (nginx's
 #: code for it): not the runner's fault, so not a 502 that would set off its alerts.
 CLIENT_CLOSED = 499
@@ -138,6 +146,7 @@ def handle_asset(
             prefixes, origins = snap.config.asset_prefixes, _origins(active)
             relocated = (_relocate(n, v, environ, prefixes, origins) for n, v in out)
             out = [header for header in relocated if header is not None]
+        out.append(SANDBOX)
         out.append(("X-Request-Id", rid))
         whole = upstream.complete()  # (a backend's own code: inside this guard)
         start_response(status_line(upstream.status), out)

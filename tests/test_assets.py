@@ -305,6 +305,27 @@ def test_a_streamed_body_is_logged_as_what_became_of_it() -> None:
     assert logged == [200]
 
 
+def test_every_asset_response_is_sandboxed_by_its_own_csp(gateway: Gateway) -> None:
+    # Opened directly (a link, no iframe) an extension page would run on the host's origin.
+    sandbox = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
+    gateway.runner.stream_asset("/ext-ui/big/", 300_000)
+    gateway.runner.respond("/ext-ui/gone/", 404, [("Content-Type", "text/html"),
+                                                  ("Content-Security-Policy", "default-src 'none'")], b"no")
+    cases = ((INDEX + Q, 200), ("/runner/ext-ui/big/h/f.bin", 200), ("/runner/ext-ui/gone/h/x", 404))
+    for path, status in cases:
+        resp = gateway.raw("GET", path)
+        assert resp.status == status
+        policies = resp.headers.get_all("Content-Security-Policy") or []
+        assert sandbox in policies, (path, policies)
+        assert not any("allow-same-origin" in p or "allow-top-navigation" in p for p in policies)
+    assert "default-src 'none'" in policies  # the runner's own policy is kept beside it
+    etag = gateway.raw("GET", INDEX + Q).header("ETag")
+    assert etag
+    revalidated = gateway.raw("GET", INDEX + Q, [("If-None-Match", etag)])
+    assert revalidated.status == 304
+    assert sandbox in (revalidated.headers.get_all("Content-Security-Policy") or [])
+
+
 def test_a_streamed_body_gives_the_connection_back_without_close() -> None:
     # werkzeug's server skips close() when the client resets during its drain of the request.
     closed: list[bool] = []

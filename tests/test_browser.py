@@ -178,3 +178,8 @@ def test_extension_ui_round_trip_in_chromium(runner: DevServer, monkeypatch: pyt
         # The sandbox holds: the extension runs in an opaque origin, not the host's.
         assert driver.execute_script("return window.origin") == "null"  # type: ignore[attr-defined]
         driver.switch_to.default_content()  # type: ignore[attr-defined]
+        # Opened directly (a link to it, no iframe): still an opaque origin, by the gateway's
+        # own CSP sandbox, so it cannot use the host's cookies or call /v1/execute as the host.
+        driver.get(f"{base}{src}")  # type: ignore[attr-defined]
+        WebDriverWait(driver, WAIT_S).until(ec.presence_of_element_located((By.ID, "loaded")))
+        assert driver.execute_script("return window.origin") == "null"  # type: ignore[attr-defined]
