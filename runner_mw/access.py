@@ -164,6 +164,20 @@ def _parse_ip(text: str) -> IPAddress | None:
         return None
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def parse_network(text: str) -> Any:
+    """``text`` as an ``ipaddress`` network, for ``networks`` and ``trusted_proxies``. An
+    IPv4-mapped IPv6 one (``::ffff:10.0.0.0/104``, as a dual-stack server shows an IPv4 peer)
+    becomes the IPv4 network it maps: peers are matched as IPv4, so that form, left as it is,
+    would match nothing (a proxy listed so would not be trusted, and be taken for the client)."""
+    net = ipaddress.ip_network(text)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        return ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+    return net
+
+
 def _in(addr: IPAddress, networks: tuple[Any, ...]) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped

@@ -25,6 +25,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from runner_mw import config as c
+from runner_mw.access import parse_network
 from runner_mw.backends.registry import BUILTIN_KINDS, broken_kinds, known_kinds
 from runner_mw.errors import ConfigError, ConfigIssue
 from runner_mw.interpolate import interpolate_scalar, resolve_files
@@ -440,9 +441,9 @@ def _build(data: dict[str, Any], source: str, sha256: str, base_dir: Path) -> c.
         asset_prefixes=tuple(routes.get("asset_prefixes", c.DEFAULT_ASSET_PREFIXES)),
         expose_runner_errors=routes.get("expose_runner_errors", False),
         access=c.Access(
-            networks=tuple(ipaddress.ip_network(n) for n in access.get("networks", c.DEFAULT_NETWORKS)),
+            networks=tuple(parse_network(n) for n in access.get("networks", c.DEFAULT_NETWORKS)),
             tokens=tuple(t for t in access.get("tokens", []) if t),
-            trusted_proxies=tuple(ipaddress.ip_network(n) for n in access.get("trusted_proxies", [])),
+            trusted_proxies=tuple(parse_network(n) for n in access.get("trusted_proxies", [])),
         ),
         metrics_enabled=data.get("metrics", {}).get("enabled", True),
         log_format=logging_.get("format", "text"),

@@ -61,6 +61,25 @@ def test_the_default_is_loopback_only() -> None:
         assert check_access(env(outside), default, None) == UNAUTHORIZED, outside
 
 
+def test_ipv4_mapped_networks_in_the_config_match_their_ipv4_peers() -> None:
+    # A dual-stack server shows an IPv4 proxy as ::ffff:a.b.c.d, and an operator may copy that
+    # form into the config; peers are matched as IPv4, so it matched nothing: the proxy was not
+    # trusted, was taken for the client, and (in networks) let every client in.
+    def load(**section: Any) -> Access:
+        return config_from_mapping({"version": 1, "backend": "d", "access": section,
+                                    "backends": {"d": {"kind": "docker", "url": "http://x"}}}).access
+
+    behind = load(networks=["172.28.0.0/16"], trusted_proxies=["::ffff:172.28.0.1/128"])
+    assert check_access(env("::ffff:172.28.0.1", xff="203.0.113.9"), behind, None) == UNAUTHORIZED
+    assert check_access(env("172.28.0.1", xff="172.28.5.5"), behind, None) == ALLOW
+    mapped = load(networks=["::ffff:10.0.0.0/104"])
+    assert mapped.networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert check_access(env("10.1.2.3"), mapped, None) == ALLOW
+    assert check_access(env("::ffff:10.1.2.3"), mapped, None) == ALLOW
+    assert check_access(env("11.0.0.1"), mapped, None) == UNAUTHORIZED
+    assert load(networks=["2001:db8::/32"]).networks == (ipaddress.ip_network("2001:db8::/32"),)
+
+
 def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
     rules = access(("10.0.0.0/8",))
     for _ in range(2):  # decided, then remembered: the same answers
