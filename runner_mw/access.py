@@ -70,10 +70,13 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     allowed = access.peers.get(peer) if peer is not None else None
     if allowed is None:
         addr = client_address(environ, access)
-        allowed = addr is not None and _in(addr, access.networks)
+        if addr is None or not _in(addr, access.networks):
+            allowed = _NO
+        else:
+            allowed = _LOCAL if _loopback(addr) else _YES
         if peer is not None and len(access.peers) < 4096:
             access.peers[peer] = allowed
-    if allowed:
+    if allowed == _YES or (allowed == _LOCAL and local_host(environ.get("HTTP_HOST"))):
         if peer is not None and not _proxy_warned and _forwarded(environ):
             _warn_proxy_in_front(peer)
         return ALLOW
@@ -81,6 +84,40 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     if token is not None and access.tokens and token_matches(token, access.tokens):
         return ALLOW
     return UNAUTHORIZED
+
+
+# A peer's verdict by networks: not in them; in them; in them from a loopback address,
+# which counts only when Host names this machine (DNS rebinding: a web page whose name the
+# attacker points at 127.0.0.1 makes the victim's browser a loopback peer, and same-origin
+# with itself it may read the replies; it cannot make the browser send Host: localhost).
+_NO, _YES, _LOCAL = 0, 1, 2
+_LOCAL_NAMES: dict[str, bool] = {}
+
+
+def _loopback(addr: IPAddress) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def local_host(host: str | None) -> bool:
+    """Whether a ``Host`` header can only have been written for this machine: none at all
+    (no browser leaves it out), an IP address, ``localhost`` or a ``*.localhost`` name."""
+    if not host:
+        return True
+    known = _LOCAL_NAMES.get(host)
+    if known is not None:
+        return known
+    name = host.rpartition("]")[0][1:] if host.startswith("[") else host.partition(":")[0]
+    name = name.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(name)
+        local = True
+    except ValueError:
+        local = name == "localhost" or name.endswith(".localhost")
+    if len(_LOCAL_NAMES) < 1024:
+        _LOCAL_NAMES[host] = local
+    return local
 
 
 # Set once the warning below was logged: once per process is enough to be seen, and

@@ -77,9 +77,9 @@ class Access:
     networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_NETWORKS)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: Peer address -> in ``networks``, filled by ``access.check_access`` (no proxies only).
+    #: Peer address -> its verdict by ``networks`` (``access.check_access``; no proxies only).
     #: Not an init field: ``dataclasses.replace`` with other networks starts an empty one.
-    peers: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
+    peers: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,29 @@ def test_ipv4_mapped_networks_in_the_config_match_their_ipv4_peers() -> None:
     assert load(networks=["2001:db8::/32"]).networks == (ipaddress.ip_network("2001:db8::/32"),)
 
 
+@pytest.mark.parametrize(("host", "allowed"), [
+    (None, True), ("localhost", True), ("localhost:8000", True), ("LOCALHOST.", True),
+    ("app.localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True), ("10.0.0.5", True),
+    ("rebind.attacker.example:8000", False), ("localhost.attacker.example", False),
+    ("127.0.0.1.nip.io", False),
+])
+def test_a_loopback_peer_counts_only_with_a_host_of_this_machine(host: str | None, allowed: bool) -> None:
+    # DNS rebinding: a page whose name the attacker points at 127.0.0.1 makes the victim's
+    # browser a loopback peer, same-origin with itself (it can read the replies).
+    environ = env("127.0.0.1")
+    if host is not None:
+        environ["HTTP_HOST"] = host
+    default = access()
+    assert check_access(environ, default, None) == (ALLOW if allowed else UNAUTHORIZED)
+    assert check_access(environ, default, None) == (ALLOW if allowed else UNAUTHORIZED)  # remembered
+    with_token = access(tokens=("t" * 20,))
+    environ["HTTP_AUTHORIZATION"] = "Bearer " + "t" * 20
+    assert check_access(environ, with_token, None) == ALLOW  # a token still opens it
+    # A peer in another network is let in whatever its Host (a name for a private address).
+    lan = {"REMOTE_ADDR": "10.1.2.3", "HTTP_HOST": host or ""}
+    assert check_access(lan, access(networks=("10.0.0.0/8",)), None) == ALLOW
+
+
 def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
     rules = access(("10.0.0.0/8",))
     for _ in range(2):  # decided, then remembered: the same answers
@@ -246,6 +269,16 @@ def test_closed_to_non_members_with_a_bearer_challenge(kind: str) -> None:
         assert resp.json() == {"error": "unauthorized", "requestId": resp.headers["X-Request-Id"]}
         assert resp.headers["Cache-Control"] == "no-store"
         assert gw.runner.received == []
+
+
+def test_a_dns_rebound_name_is_not_let_in_as_loopback(kind: str) -> None:
+    with running_gateway(kind) as gw:
+        rebound = {"Host": f"rebind.attacker.example:{gw.port}"}
+        assert gw.execute(headers=rebound).status_code == 401
+        assert gw.get("/runner/-/status", headers=rebound).status_code == 401
+        assert gw.runner.received == []
+        assert gw.get("/runner/-/status", headers={"Host": f"localhost:{gw.port}"}).status_code == 200
+        assert gw.execute().status_code == 200  # Host 127.0.0.1:<port>, as any local client sends
 
 
 @pytest.mark.parametrize(("xff", "trusted", "allowed"), [

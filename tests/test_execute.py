@@ -542,7 +542,7 @@ def test_body_cap_from_content_length_before_reading(kind: str, server: str) -> 
 def test_body_cap_is_decided_before_the_body_arrives(kind: str) -> None:
     with running_gateway(kind, limits=SMALL_LIMIT) as gw:
         with socket.create_connection((HOST, gw.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 5000000000\r\n\r\n" + b"{" * 100)
             head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 413")
@@ -574,7 +574,7 @@ def test_a_chunked_body_over_the_limit_is_refused_once_it_is_over(kind: str) -> 
     with running_gateway(kind, limits=SMALL_LIMIT) as gw, \
             socket.create_connection((HOST, gw.port), timeout=10) as sock:
         over = SMALL_LIMIT["max_body_bytes"] + 500
-        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % over + b"{" * over)
         assert sock.recv(65536).startswith(b"HTTP/1.1 413")
         assert gw.runner.received == []
@@ -582,7 +582,7 @@ def test_a_chunked_body_over_the_limit_is_refused_once_it_is_over(kind: str) -> 
 
 def test_a_malformed_chunked_body_is_a_400(kind: str) -> None:
     with running_gateway(kind) as gw, socket.create_connection((HOST, gw.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n")
         head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 400"), head[:200]
@@ -591,7 +591,7 @@ def test_a_malformed_chunked_body_is_a_400(kind: str) -> None:
 
 def test_a_body_shorter_than_its_content_length_is_refused(kind: str) -> None:
     with running_gateway(kind) as gw, socket.create_connection((HOST, gw.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"context\":")
         sock.shutdown(socket.SHUT_WR)
         head = sock.recv(65536)

@@ -389,7 +389,7 @@ def _reply(sock: socket.socket) -> tuple[int, bytes]:
 def test_a_malformed_or_cut_chunked_body_is_the_clients_400_not_a_500(tmp_path: Path,
                                                                       config_file: Path) -> None:
     # gunicorn's body reader raises (InvalidChunkSize, NoMoreData) inside the app's read.
-    head = (b"POST /v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     with gunicorn(tmp_path, config_file) as server:
         for body, shut in ((b"ZZ\r\n{}\r\n0\r\n\r\n", False), (b"10\r\n{\"context\":", True)):
@@ -573,7 +573,7 @@ def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with client:
             client.connect((HOST, server.port))
-            client.sendall(b"GET /runner/ext-ui/big/h/file.bin HTTP/1.1\r\nHost: x\r\n"
+            client.sendall(b"GET /runner/ext-ui/big/h/file.bin HTTP/1.1\r\nHost: localhost\r\n"
                            b"X-Request-Id: stalls\r\n\r\n")
             assert client.recv(12) == b"HTTP/1.1 200"
             # ... and reads nothing more, but keeps the connection open.
@@ -643,7 +643,7 @@ def test_a_tls_client_that_stops_reading_a_streamed_asset_is_cut_too(
     server.args[-1:-1] = ["--certfile", str(tmp_path / "c.pem"), "--keyfile", str(tmp_path / "k.pem")]
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    request = b"GET %s HTTP/1.1\r\nHost: x\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n"
+    request = b"GET %s HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n"
 
     def answers() -> bool:
         try:
