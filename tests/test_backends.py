@@ -475,6 +475,10 @@ def test_ui_url_exact_for_the_sample() -> None:
     ("/runner", "/50% off", "/50%25%20off/runner"),
     ("/runner", "/caf\u00e9\u65e5", "/caf%C3%A9%E6%97%A5/runner"),
     ("/runner", "/caf\u00e9", "/caf%C3%A9/runner"),  # decoded text (Flask's script_root)
+    # A SCRIPT_NAME from a request header (gunicorn, for forwarded_allow_ips peers) must not
+    # make the URL another origin's ("//evil.example/runner/..." is scheme-relative).
+    ("/runner", "//evil.example", "/evil.example/runner"),
+    ("/runner", "/\\evil.example", "/%5Cevil.example/runner"),
     ("https://runner.example.com", "/app", "https://runner.example.com"),
     ("https://runner.example.com/pub/", "/app", "https://runner.example.com/pub"),
 ])

@@ -27,8 +27,12 @@ def script_path(script_name: str) -> str:
     """``SCRIPT_NAME`` as the start of a URL path, with no trailing slash, UTF-8 and reserved
     characters percent-encoded (a mount at ``/café`` or ``/a#b`` must give a URL that leads
     back to it). Takes the environ's form (PEP 3333: the bytes as latin-1 text) and text a
-    framework decoded already; latin-1 bytes that are not UTF-8 are taken as the latter."""
-    text = script_name.rstrip("/")
+    framework decoded already; latin-1 bytes that are not UTF-8 are taken as the latter.
+    Leading slashes are one: ``//host`` would make the URL another origin's (gunicorn takes
+    ``SCRIPT_NAME`` from a header of a peer in ``forwarded_allow_ips``); a backslash, which
+    browsers read as a slash, is percent-encoded like any reserved character."""
+    text = script_name.strip("/")
+    text = "/" + text if text else ""
     try:
         raw = text.encode("latin-1")  # the server's bytes, as PEP 3333 hands them over
         raw.decode("utf-8")
