@@ -59,6 +59,7 @@ def bind_to_caller(environ: Mapping[str, Any], envelope: dict[str, Any]) -> dict
     install = installed[extension]
     context.update(tenant_id=user["tenant"], content_hash=install["content_hash"],
                    install_id=install["install_id"], config=dict(install["config"]))
+    context.pop("version_id", None)  # the install's, which content_hash already names
     envelope["providers"] = list(install["providers"])
     envelope.pop("secret_envelope", None)  # an install's secrets are sealed server-side, if any
     # The runner's own defaults for memory and fuel; the middleware bounds timeout_ms.

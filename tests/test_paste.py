@@ -174,7 +174,7 @@ def test_the_examples_execute_hook_decides_tenant_and_install(monkeypatch: pytes
     from examples.host import bind_to_caller
 
     sent = envelope("someone-else")
-    sent["context"].update(install_id="someone-elses-install", config={"admin": "true"})
+    sent["context"].update(install_id="someone-elses-install", config={"admin": "true"}, version_id="v-old")
     sent.update(providers=["cap:secrets.get"], secret_envelope={"ciphertext_b64": "AAAA"},
                 limits={"timeout_ms": 1000, "memory_mb": 2**64 - 1, "fuel": 2**64 - 1})
     bound = bind_to_caller({}, sent)
@@ -183,6 +183,7 @@ def test_the_examples_execute_hook_decides_tenant_and_install(monkeypatch: pytes
     # The install, its config and capabilities, and the limits are the server's, not the browser's.
     assert bound["context"]["install_id"] == f"demo-tenant/{SAMPLE_EXTENSION_ID}"
     assert bound["context"]["config"] == {} and bound["providers"] == []
+    assert "version_id" not in bound["context"]
     assert "secret_envelope" not in bound and bound["limits"] == {"timeout_ms": 1000}
     assert bound["http"] == envelope("x")["http"]  # the extension's request is the browser's
     assert bound["user"]["user_id"] == "demo-user" and "tenant" not in bound["user"]
