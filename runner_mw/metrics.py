@@ -283,13 +283,16 @@ def _observe_all(child: Any, seconds: list[float]) -> None:
     total.inc(sum(seconds))
 
 
-def started() -> None:
-    """A request on the gateway's routes began (``inflight_requests``). Never raises."""
+def started() -> bool:
+    """A request on the gateway's routes began (``inflight_requests``): True when counted
+    (then, and only then, call ``finished`` for it). Never raises."""
     m = metrics()
-    if m is not None:
-        m.pending.started.append(None)
-        if m.pending.flusher is None:
-            _safely(m.start_flusher)
+    if m is None:
+        return False
+    m.pending.started.append(None)
+    if m.pending.flusher is None:
+        _safely(m.start_flusher)
+    return True
 
 
 #: The route label of the gateway's own endpoints (healthz, status, metrics): counted, not timed.

@@ -118,9 +118,8 @@ class RunnerMiddleware:
                  else metrics.LOCAL_ROUTE if path[:9] == "/runner/-" and (len(path) == 9 or path[9] == "/")
                  else "asset")  # the label of metrics and access lines
         finished = False
-        measure = snap.config.metrics_enabled and metrics.AVAILABLE
-        if measure:
-            metrics.started()
+        # Only a request whose start was counted counts its end (metrics may come back between).
+        measure = snap.config.metrics_enabled and metrics.AVAILABLE and metrics.started()
 
         def done(status: int) -> None:
             nonlocal finished

@@ -660,16 +660,23 @@ def test_a_metrics_folder_that_cannot_be_written_fails_no_request(tmp_path: Path
         m.setup_multiprocess()
         open({str(tmp_path / "runner.yaml")!r}, "w").write(
             "version: 1\\nbackend: d\\nbackends:\\n  d: {{kind: docker, url: 'http://127.0.0.1:9'}}\\n")
-        mw = RunnerMiddleware(lambda e, s: [], {str(tmp_path / "runner.yaml")!r}, reload_signal=False)
-        def get(path):
-            env = {{"REQUEST_METHOD": "GET", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
-                   "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(), "SERVER_NAME": "x",
-                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}}
+        def hook(environ, envelope):  # the folder comes back while this request runs
+            os.mkdir({str(folder)!r})
+            return envelope
+        mw = RunnerMiddleware(lambda e, s: [], {str(tmp_path / "runner.yaml")!r}, reload_signal=False,
+                              execute_hook=hook)
+        def get(path, method="GET", body=b""):
+            env = {{"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+                   "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(body), "SERVER_NAME": "x",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body))}}
             out = []
             body = b"".join(mw(env, lambda s, h, e=None: out.append(s)))
             return out[0], body
         before = [get(p)[0] for p in ("/runner/-/healthz", "/runner/-/healthz", "/runner/-/status")]
-        os.mkdir({str(folder)!r})
+        ctx = {{"tenant_id": "t", "extension_id": "e", "content_hash": "sha256:" + "a" * 64}}
+        envelope = {{"context": ctx, "http": {{"method": "GET", "path": "/"}}}}
+        before.append(get("/v1/execute", "POST", json.dumps(envelope).encode())[0])  # no runner: 502
         after = [get("/runner/-/healthz")[0] for _ in range(2)]
         page = get("/runner/-/metrics")[1].decode()
         print(json.dumps({{"before": before, "after": after, "page": page}}))
@@ -679,9 +686,12 @@ def test_a_metrics_folder_that_cannot_be_written_fails_no_request(tmp_path: Path
                                "PYTHONPATH": str(REPO)}, check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["before"] == ["200 OK", "200 OK", "200 OK"]
+    assert out["before"] == ["200 OK", "200 OK", "200 OK", "502 Bad Gateway"]
     assert out["after"] == ["200 OK", "200 OK"]
     assert value(out["page"], "runner_mw_requests_total", route="gateway", backend="d", status="200") >= 1
+    # The execute began uncounted and ended counted: its end is not counted either (1: the
+    # scrape itself is in flight while it is written).
+    assert value(out["page"], "runner_mw_inflight_requests") == 1
     assert proc.stderr.count(f"{folder} is not a folder this process can write") == 1  # at start
     assert proc.stderr.count("recording a metric failed") == 1  # once, with the cause
     assert "FileNotFoundError" in proc.stderr
