@@ -66,16 +66,24 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
             raise InvalidPath("forbidden character in raw path")
         # The common case, decided without splitting: nothing percent-encoded and PATH_INFO
         # ("/..." so the match starts on a segment boundary) is the raw path or its tail.
-        if not ("%" not in raw and path_info[:1] == "/" and raw.endswith(path_info)):
+        if "%" not in raw and path_info[:1] == "/" and raw.endswith(path_info):
+            prefix = raw[:len(raw) - len(path_info)]
+        else:
             raw_segments = raw.split("/")[1:]
             # PATH_INFO is the tail of the raw path (SCRIPT_NAME may come first); since no
             # encoded slash got this far, segments map one to one.
             if len(raw_segments) < len(decoded):
                 raise InvalidPath("raw path and PATH_INFO disagree")
-            tail = raw_segments[len(raw_segments) - len(decoded):]
-            for enc, dec in zip(tail, decoded, strict=True):
+            cut = len(raw_segments) - len(decoded)
+            for enc, dec in zip(raw_segments[cut:], decoded, strict=True):
                 if unquote_to_bytes(enc).decode("latin-1") != dec:
                     raise InvalidPath("raw path and PATH_INFO disagree")
+            prefix = "".join("/" + seg for seg in raw_segments[:cut])
+        # What comes before is SCRIPT_NAME, exactly: a server that read "//v1/execute" or
+        # "/x/../v1/execute" as PATH_INFO "/v1/execute" must not make it this route (an edge
+        # proxy's rule for exactly /v1/execute would not have seen it so).
+        if prefix and unquote_to_bytes(prefix).decode("latin-1") != environ.get("SCRIPT_NAME", ""):
+            raise InvalidPath("raw path and SCRIPT_NAME disagree")
     segments = decoded[skip:]
     if path_info.isascii() and "/." not in path_info and "//" not in path_info:
         return segments  # no segment starts with a dot or is empty (but a last one), ASCII is UTF-8

@@ -14,7 +14,18 @@ from urllib.parse import quote, unquote
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mwfixtures import ASSET_BASE, EXT, HASH, HOST, INDEX, KINDS, SERVERS, UPSTREAM_INDEX, Gateway
+from mwfixtures import (
+    ASSET_BASE,
+    EXT,
+    HASH,
+    HOST,
+    INDEX,
+    KINDS,
+    SERVERS,
+    UPSTREAM_INDEX,
+    Gateway,
+    running_gateway,
+)
 
 from runner_mw.paths import InvalidPath, canonical_tail, encode, raw_path
 
@@ -199,6 +210,19 @@ def test_raw_and_decoded_paths_must_agree() -> None:
 def test_script_name_may_precede_the_raw_path() -> None:
     environ = env("/runner/ext-ui/a", "/app/runner/ext-ui/a", script_name="/app")
     assert canonical_tail(environ, "/runner/ext-ui/a", 1) == ["ext-ui", "a"]
+    environ = env("/runner/ext-ui/%C3%A9", "/caf%C3%A9/runner/ext-ui/%C3%A9", script_name="/caf\xc3\xa9")
+    assert canonical_tail(environ, "/runner/ext-ui/\xc3\xa9", 1) == ["ext-ui", "\xc3\xa9"]
+
+
+@pytest.mark.parametrize(("raw", "script_name"), [
+    ("//v1/execute", ""),  # waitress: PATH_INFO "/v1/execute", REQUEST_URI as sent
+    ("///v1/execute", ""), ("/x/../v1/execute", ""), ("/./v1/execute", ""),
+    ("/other/v1/execute", "/app"), ("/app//v1/execute", "/app"), ("/%61pp/v1/e%78ecute", "/b"),
+])
+def test_only_script_name_may_precede_the_raw_path(raw: str, script_name: str) -> None:
+    # A server that normalised the raw target into this PATH_INFO must not make it this route.
+    with pytest.raises(InvalidPath):
+        canonical_tail(env("/v1/execute", raw, script_name=script_name), "/v1/execute", 2)
 
 
 @pytest.mark.parametrize("raw", ["/runner/%2e", "/runner/%2F", "/runner/%5C", "/runner/%25", "/runner/%3B",
@@ -242,3 +266,13 @@ def test_encode_fast_path_equals_strict_quoting(segments: list[str]) -> None:
     # encode() skips quote() when nothing needs encoding: it must give the same bytes.
     expected = "/".join(quote(s.encode("latin-1"), safe="!$&'()*+,=:@-._~") for s in segments)
     assert encode(segments) == expected
+
+
+@pytest.mark.parametrize("target", ["//v1/execute", "///v1/execute", "//runner/ext-ui/a/b.js"])
+def test_a_doubled_leading_slash_is_not_a_gateway_route_under_waitress(target: str) -> None:
+    # waitress reads "//v1/execute" as PATH_INFO "/v1/execute" and keeps the target in REQUEST_URI.
+    with running_gateway(server="waitress") as gw:
+        resp = gw.raw("POST" if "execute" in target else "GET", target,
+                      [("Content-Type", "application/json")], b"{}")
+        assert resp.status == 400 and resp.json()["error"] == "invalid_path"
+        assert gw.runner is not None and gw.runner.received == []
