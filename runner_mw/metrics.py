@@ -93,6 +93,12 @@ class _Metrics:
         assert prom is not None
         self.pid = os.getpid()
         self.multiprocess = multiproc
+        self.reopening = False
+        self._make_collectors()
+        self.pending = _Pending()
+
+    def _make_collectors(self) -> None:
+        assert prom is not None
         # Made unregistered, then registered together: a gauge's value file may fail to open
         # (the folder gone or read-only), and collectors registered before that would make
         # every later attempt fail too (prometheus-client refuses a name twice).
@@ -110,8 +116,10 @@ class _Metrics:
                                    multiprocess_mode="livesum", registry=None)
         for collector in self._collectors():
             prom.REGISTRY.register(collector)
-
-        self.pending = _Pending()
+        # A file this process always has in multiprocess mode (the in-flight gauge's, made
+        # with the gauge): gone means the folder was emptied under us (see ``flush``).
+        folder = os.environ.get(MULTIPROC_ENV, "")
+        self.own_file = os.path.join(folder, f"gauge_livesum_{os.getpid()}.db") if self.multiprocess else ""
 
     def _collectors(self) -> tuple[Any, ...]:
         return (self.requests, self.upstream, self.reloads, self.generation, self.inflight)
@@ -151,6 +159,8 @@ class _Metrics:
         own: one that fails (a full disk, say) loses its own increment, not the others'."""
         pending = self.pending
         with pending.lock:
+            # One stat a second: this process's files removed under it (see _reopen).
+            writable = not self.own_file or os.path.exists(self.own_file) or _safely(self._reopen)
             counts: dict[tuple[str, str, int], int] = {}
             timed: dict[tuple[str, str], list[float]] = {}
             ended = 0
@@ -168,12 +178,29 @@ class _Metrics:
             # The gauge is set to the whole count, not moved by a delta: a failed write is
             # made good by the next flush that succeeds.
             pending.inflight += began - ended
+            if not writable:  # nowhere to write yet: these counts are lost, the gauge is not
+                pending.failed = True
+                return
             if began or ended or pending.failed:
                 pending.failed = not _safely(self.inflight.set, pending.inflight)
             for (route, backend, status), n in counts.items():
                 _safely(self._count, route, backend, status, n)
             for (route, backend), seconds in timed.items():
                 _safely(self._time, route, backend, seconds)
+
+    def _reopen(self) -> None:
+        """This process's value files were removed (a cleaner of temporary files; the master
+        makes the folder again): its writes would go to files no scrape reads. Start new
+        files; what the removed ones held is lost."""
+        assert prom is not None
+        if not self.reopening:  # said once per removal, not at every retry
+            self.reopening = True
+            log.warning("runner_mw: this worker's metric files in %s were removed; counting "
+                        "again from zero in new files", os.path.dirname(self.own_file))
+        self.unregister()
+        prom_values.ValueClass = prom_values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        self._make_collectors()  # raises while the folder is missing: tried again next flush
+        self.reopening = False
 
     # labels() inside the guard too: a new series makes a value, which may touch the files.
     def _count(self, route: str, backend: str, status: int, n: int) -> None:

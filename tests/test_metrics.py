@@ -695,3 +695,36 @@ def test_a_metrics_folder_that_cannot_be_written_fails_no_request(tmp_path: Path
     assert proc.stderr.count(f"{folder} is not a folder this process can write") == 1  # at start
     assert proc.stderr.count("recording a metric failed") == 1  # once, with the cause
     assert "FileNotFoundError" in proc.stderr
+
+
+def test_a_worker_whose_files_were_removed_counts_again_in_new_ones(tmp_path: Path) -> None:
+    # A cleaner of temporary files emptied the folder; the master made it again. A live
+    # worker kept writing into its removed (still mapped) files, which no scrape reads.
+    code = textwrap.dedent("""
+        import json, os, shutil
+        import runner_mw.metrics as m
+        from prometheus_client import CollectorRegistry
+        path = m.setup_multiprocess()
+        def scrape():
+            registry = CollectorRegistry()
+            registry.register(m._SizedFiles(path))
+            labels = {"route": "asset", "backend": "a", "status": "200"}
+            return registry.get_sample_value("runner_mw_requests_total", labels)
+        m.started(); m.finished("asset", "a", 200, 0.01); m.flush()
+        before = scrape()
+        shutil.rmtree(path)
+        m.started(); m.finished("asset", "a", 200, 0.01); m.flush()  # nowhere to write: lost
+        os.makedirs(path, mode=0o700)
+        for _ in range(5):
+            m.started(); m.finished("asset", "a", 200, 0.01)
+        m.flush()
+        after = scrape()
+        m.cleanup_multiprocess()
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
+                          env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"before": 1.0, "after": 5.0}
+    assert proc.stderr.count("were removed; counting again") >= 1
+    assert proc.stderr.count("recording a metric failed") == 1  # the missing folder, once
