@@ -82,7 +82,7 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
         # What comes before is SCRIPT_NAME, exactly: a server that read "//v1/execute" or
         # "/x/../v1/execute" as PATH_INFO "/v1/execute" must not make it this route (an edge
         # proxy's rule for exactly /v1/execute would not have seen it so).
-        if prefix and unquote_to_bytes(prefix).decode("latin-1") != environ.get("SCRIPT_NAME", ""):
+        if prefix and not _same_path(prefix, environ.get("SCRIPT_NAME", "")):
             raise InvalidPath("raw path and SCRIPT_NAME disagree")
     segments = decoded[skip:]
     if path_info.isascii() and "/." not in path_info and "//" not in path_info:
@@ -100,6 +100,16 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
         except (UnicodeEncodeError, UnicodeDecodeError):
             raise InvalidPath("path is not UTF-8") from None
     return segments
+
+
+def _same_path(raw: str, script_name: str) -> bool:
+    """Whether the raw path's start is ``SCRIPT_NAME``: as it is (gunicorn passes a mount
+    point as matched in the raw target, ``/my%20app``) or decoded (PEP 3333: bytes as latin-1)."""
+    return raw == script_name or _decoded(raw) == _decoded(script_name)
+
+
+def _decoded(text: str) -> str:
+    return unquote_to_bytes(text.encode("latin-1", "replace")).decode("latin-1")
 
 
 def _has_bad_char(text: str) -> bool:

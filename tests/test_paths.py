@@ -212,6 +212,13 @@ def test_script_name_may_precede_the_raw_path() -> None:
     assert canonical_tail(environ, "/runner/ext-ui/a", 1) == ["ext-ui", "a"]
     environ = env("/runner/ext-ui/%C3%A9", "/caf%C3%A9/runner/ext-ui/%C3%A9", script_name="/caf\xc3\xa9")
     assert canonical_tail(environ, "/runner/ext-ui/\xc3\xa9", 1) == ["ext-ui", "\xc3\xa9"]
+    # gunicorn passes a mount point as it matched it in the raw target, still encoded.
+    for mount in ("/my%20app", "/caf%C3%A9", "/caf%c3%a9"):
+        environ = env("/runner/-/healthz", mount + "/runner/-/healthz", script_name=mount)
+        assert canonical_tail(environ, "/runner/-/healthz", 1) == ["-", "healthz"]
+    # A request line with raw (unencoded) latin-1 bytes, as PEP 3333 hands them over.
+    environ = env("/runner/x", "/caf\xc3\xa9/runner/x", script_name="/caf\xc3\xa9")
+    assert canonical_tail(environ, "/runner/x", 1) == ["x"]
 
 
 @pytest.mark.parametrize(("raw", "script_name"), [
