@@ -15,6 +15,7 @@ import functools
 import hmac
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -108,16 +109,29 @@ def local_host(host: str | None) -> bool:
     known = _LOCAL_NAMES.get(host)
     if known is not None:
         return known
-    name = host.rpartition("]")[0][1:] if host.startswith("[") else host.partition(":")[0]
+    if host.startswith("["):
+        name = host.rpartition("]")[0][1:]
+    else:  # an unbracketed IPv6 address has more than one colon (and no port)
+        name = host if host.count(":") > 1 else host.partition(":")[0]
     name = name.rstrip(".").lower()
     try:
-        ipaddress.ip_address(name)
+        ipaddress.ip_address(name.partition("%")[0])
         local = True
     except ValueError:
-        local = name == "localhost" or name.endswith(".localhost")
+        # curl sends "127.1" or "2130706433" as written; a browser writes them as dotted
+        # quads, so a rebound page cannot send these forms.
+        local = name == "localhost" or name.endswith(".localhost") or _ipv4_shorthand(name)
     if len(_LOCAL_NAMES) < 1024:
         _LOCAL_NAMES[host] = local
     return local
+
+
+def _ipv4_shorthand(name: str) -> bool:
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return False
+    return True
 
 
 # Set once the warning below was logged: once per process is enough to be seen, and

@@ -476,17 +476,24 @@ def _type_name(value: Any) -> str:
             bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
-# Up to the last "@": a password may hold "/", "?" or "#" (over-masking a path is harmless).
-_URL_PARTS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*@)?([^?#]*)([?#].*)?", re.S)
+_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*:(//)?")
 
 
 def _masked_url(text: str) -> str:
-    """``text`` with a URL's ``user:password@``, query and fragment starred (they are refused,
-    but may be credentials: an error message must not carry them to a terminal or a log)."""
-    found = _URL_PARTS.fullmatch(text)
-    if not found or not (found[2] or found[4]):
-        return text
-    return found[1] + ("***@" if found[2] else "") + found[3] + (found[4][0] + "***" if found[4] else "")
+    """``text`` with what may be a URL's credentials starred: everything up to the last
+    ``@`` after the scheme (a password may hold ``/``, ``?`` or ``#``; no scheme at all, as
+    in ``user:pw@host``, is masked too), then the query and fragment. Over-masking a path
+    is harmless in an error message; quoting a password is not."""
+    found = _SCHEME.match(text)
+    head = found.group(0) if found and found.group(1) else ""
+    rest = text[len(head):]
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = "***@" + rest[at + 1:]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut + 1] + "***"
+    return head + rest
 
 
 def _short(value: Any) -> str:

@@ -201,6 +201,7 @@ class _Metrics:
         prom_values.ValueClass = prom_values.MultiProcessValue()  # type: ignore[no-untyped-call]
         self._make_collectors()  # raises while the folder is missing: tried again next flush
         self.reopening = False
+        self.pending.failed = True  # the new in-flight gauge reads 0: written at this flush
 
     # labels() inside the guard too: a new series makes a value, which may touch the files.
     def _count(self, route: str, backend: str, status: int, n: int) -> None:

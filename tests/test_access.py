@@ -83,6 +83,7 @@ def test_ipv4_mapped_networks_in_the_config_match_their_ipv4_peers() -> None:
 @pytest.mark.parametrize(("host", "allowed"), [
     (None, True), ("localhost", True), ("localhost:8000", True), ("LOCALHOST.", True),
     ("app.localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True), ("10.0.0.5", True),
+    ("127.1:8000", True), ("2130706433", True), ("::1", True), ("[fe80::1%25eth0]:8000", True),
     ("rebind.attacker.example:8000", False), ("localhost.attacker.example", False),
     ("127.0.0.1.nip.io", False),
 ])

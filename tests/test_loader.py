@@ -881,6 +881,10 @@ def test_a_config_naming_no_file_keeps_its_own_sha256(tmp_path: Path) -> None:
     ("url", "https://svc:pa#Hunter2Secret@runner.example", "'https://***@runner.example'"),
     ("url", "https://svc:pa?Hunter2Secret@runner.example", "'https://***@runner.example'"),
     ("url", "https://svc:Hunter2Secret@runner.example:80a", "'https://***@runner.example:80a'"),
+    # No scheme (a ${RUNNER_BASE_URL} without one), scheme-relative, a leading space.
+    ("url", "user:Hunter2Secret@runner:8080", "'***@runner:8080'"),
+    ("url", "//user:Hunter2Secret@runner:8080/", "'***@runner:8080/'"),
+    ("url", " http://user:Hunter2Secret@runner", "' http://***@runner'"),
 ])
 def test_a_refused_url_is_not_echoed_with_its_credentials(
         tmp_path: Path, key: str, url: str, shown: str) -> None:

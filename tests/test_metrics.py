@@ -717,14 +717,20 @@ def test_a_worker_whose_files_were_removed_counts_again_in_new_ones(tmp_path: Pa
         os.makedirs(path, mode=0o700)
         for _ in range(5):
             m.started(); m.finished("asset", "a", 200, 0.01)
+        m.started(); m.started()  # two long requests in flight
         m.flush()
         after = scrape()
+        shutil.rmtree(path); os.makedirs(path, mode=0o700)
+        m.flush()  # nothing began or ended since: the new gauge still says 2
+        registry = CollectorRegistry()
+        registry.register(m._SizedFiles(path))
+        inflight = registry.get_sample_value("runner_mw_inflight_requests")
         m.cleanup_multiprocess()
-        print(json.dumps({"before": before, "after": after}))
+        print(json.dumps({"before": before, "after": after, "inflight": inflight}))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
                           env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)}, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"before": 1.0, "after": 5.0}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"before": 1.0, "after": 5.0, "inflight": 2.0}
     assert proc.stderr.count("were removed; counting again") >= 1
     assert proc.stderr.count("recording a metric failed") == 1  # the missing folder, once
