@@ -168,8 +168,7 @@ def handle_asset(
         return [first] if first else []
     # Streamed: the body may outgrow the socket buffers, and a client that stops reading it
     # must not keep this thread and the runner connection for good (read_ms, as upstream).
-    restore = bound_sends(environ, active.timeouts.read_ms / 1000)
-    return StreamedBody(upstream, done, status, first, restore)
+    return StreamedBody(upstream, done, status, first, bound_sends(environ, active.timeouts.read_ms / 1000))
 
 
 def _origins(active: Any) -> tuple[str, ...]:

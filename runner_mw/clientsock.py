@@ -14,9 +14,16 @@ nothing, and a buffering proxy in front (the README's Deploy section) is the ans
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
+import os
 import socket
 import ssl
+import struct
+import termios
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +33,18 @@ _TIMEVAL_BYTES = len(timeval(1.0))
 
 
 def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] | None:
-    """Make each write to this request's client fail once it has made no progress for
-    ``seconds`` (``SO_SNDTIMEO``); returns what puts the socket's previous setting back
-    (call it when the body is done: the connection may serve more requests), or None when
-    the server's socket is out of reach."""
+    """Make writes to this request's client fail once they have made no progress for
+    ``seconds``; returns what undoes it (call it when the body is done: the connection may
+    serve more requests), or None when the server's socket is out of reach."""
     sock = environ.get("gunicorn.socket")
     http1 = str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1")
     if not (http1 and isinstance(sock, socket.socket)):
         return None
     if isinstance(sock, ssl.SSLSocket):
         # TLS (gunicorn's certfile): a blocking SSL write retries the kernel's EAGAIN by itself
-        # (OpenSSL's WANT_WRITE), so SO_SNDTIMEO would never end it. A Python timeout does.
-        return _python_timeout(sock, seconds)
+        # (OpenSSL's WANT_WRITE), so SO_SNDTIMEO never ends it, and Python's own timeout bounds
+        # a whole write waiting for a third of the send buffer (it would cut a slow reader).
+        return _watchdog.watch(sock, seconds)
     try:
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_BYTES)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
@@ -51,15 +58,82 @@ def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] |
     return restore
 
 
-def _python_timeout(sock: ssl.SSLSocket, seconds: float) -> Callable[[], None] | None:
-    try:
-        before = sock.gettimeout()
-        sock.settimeout(seconds)
-    except OSError:
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
+_TCP_INFO_LEN = 128  # up to tcpi_bytes_acked (Linux 4.2)
+_BYTES_ACKED = struct.Struct("Q").unpack_from  # at offset 120
+
+
+def _progress(sock: socket.socket) -> tuple[int, int] | None:
+    """(bytes the client acknowledged, bytes still queued to it), or None where the kernel
+    does not say (another OS, an older kernel, a closed socket)."""
+    if _TCP_INFO is None:
         return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        queued = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    return _BYTES_ACKED(info, 120)[0], queued[0]
 
-    def restore() -> None:
-        with contextlib.suppress(OSError):
-            sock.settimeout(before)
 
-    return restore
+class _Watched:
+    def __init__(self, sock: socket.socket, seconds: float, now: float) -> None:
+        self.sock, self.seconds, self.since, self.acked = sock, seconds, now, -1
+
+
+class _Watchdog:
+    """One thread per process, running while a watched socket exists: a socket whose
+    queued bytes the client has not taken for ``seconds`` is shut down, which fails the
+    write blocked on it (gunicorn then drops the connection)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: dict[int, _Watched] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def watch(self, sock: socket.socket, seconds: float) -> Callable[[], None] | None:
+        if _progress(sock) is None:
+            return None
+        entry = _Watched(sock, seconds, time.monotonic())
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or forked
+                self._thread = threading.Thread(target=self._run, name="runner_mw-send-deadline",
+                                                daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            self._watched[id(entry)] = entry
+            self._cond.notify()
+
+        def restore() -> None:
+            with self._cond:
+                self._watched.pop(id(entry), None)
+
+        return restore
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._watched:
+                    self._cond.wait()
+                entries = list(self._watched.values())
+            time.sleep(max(0.02, min(1.0, min(e.seconds for e in entries) / 4)))
+            now = time.monotonic()
+            for entry in entries:
+                seen = _progress(entry.sock)
+                if seen is None:
+                    continue
+                acked, queued = seen
+                if acked != entry.acked or queued == 0:  # taken, or nothing to take
+                    entry.acked, entry.since = acked, now
+                elif now - entry.since >= entry.seconds:
+                    with self._cond:
+                        self._watched.pop(id(entry), None)
+                    with contextlib.suppress(OSError):
+                        entry.sock.shutdown(socket.SHUT_RDWR)
+
+
+_watchdog = _Watchdog()

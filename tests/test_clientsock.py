@@ -32,24 +32,24 @@ def send_timeout(sock: socket.socket) -> float:
 def test_a_write_the_client_does_not_take_fails_after_the_deadline(
         pair: tuple[socket.socket, socket.socket]) -> None:
     server, _ = pair
-    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 0.3)
-    assert restore is not None
+    deadline = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 0.3)
+    assert deadline is not None
     assert send_timeout(server) == pytest.approx(0.3)
     started = time.monotonic()
     with pytest.raises(BlockingIOError):  # what a blocking socket's send says on SO_SNDTIMEO
         for _ in range(10_000):  # 640 MB: far beyond any socket buffer
             server.sendall(b"x" * 65536)
     assert time.monotonic() - started < 30
-    restore()
+    deadline()
     assert send_timeout(server) == 0  # back to gunicorn's "never": the connection may serve more
 
 
 def test_the_previous_setting_is_what_comes_back(pair: tuple[socket.socket, socket.socket]) -> None:
     server, _ = pair
     server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 7, 0))
-    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.0"}, 2.5)
-    assert restore is not None and send_timeout(server) == pytest.approx(2.5)
-    restore()
+    deadline = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.0"}, 2.5)
+    assert deadline is not None and send_timeout(server) == pytest.approx(2.5)
+    deadline()
     assert send_timeout(server) == 7
 
 
@@ -72,7 +72,7 @@ def test_a_socket_already_closed_is_left_alone() -> None:
 def test_restoring_after_the_client_is_gone_does_not_raise(
         pair: tuple[socket.socket, socket.socket]) -> None:
     server, _ = pair
-    restore = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 1)
-    assert restore is not None
+    deadline = bound_sends({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}, 1)
+    assert deadline is not None
     server.close()  # gunicorn closes a connection whose write failed before the body's close()
-    restore()
+    deadline()
