@@ -71,13 +71,10 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     allowed = access.peers.get(peer) if peer is not None else None
     if allowed is None:
         addr = client_address(environ, access)
-        if addr is None or not _in(addr, access.networks):
-            allowed = _NO
-        else:
-            allowed = _LOCAL if _loopback(addr) else _YES
+        allowed = addr is not None and _in(addr, access.networks)
         if peer is not None and len(access.peers) < 4096:
             access.peers[peer] = allowed
-    if allowed == _YES or (allowed == _LOCAL and local_host(environ.get("HTTP_HOST"))):
+    if allowed and _host_allowed(environ.get("HTTP_HOST"), access):
         if peer is not None and not _proxy_warned and _forwarded(environ):
             _warn_proxy_in_front(peer)
         return ALLOW
@@ -87,43 +84,57 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     return UNAUTHORIZED
 
 
-# A peer's verdict by networks: not in them; in them; in them from a loopback address,
-# which counts only when Host names this machine (DNS rebinding: a web page whose name the
-# attacker points at 127.0.0.1 makes the victim's browser a loopback peer, and same-origin
-# with itself it may read the replies; it cannot make the browser send Host: localhost).
-_NO, _YES, _LOCAL = 0, 1, 2
-_LOCAL_NAMES: dict[str, bool] = {}
+def _host_allowed(host: str | None, access: Access) -> bool:
+    """Whether a grant by ``networks`` holds with this ``Host``. DNS rebinding: a web page
+    whose name the attacker points at an allowed address (127.0.0.1, a LAN address) makes
+    the victim's browser an allowed peer, same-origin with itself, so it may read the
+    replies; it cannot make the browser send an IP address, ``localhost`` or a name the
+    operator listed in ``access.hosts``. Decided once per Host string (bounded)."""
+    if not host:
+        return True  # no browser leaves Host out
+    known = access.host_ok.get(host)
+    if known is None:
+        known = local_host(host) or _name(host) in access.hosts
+        if len(access.host_ok) < 1024:
+            access.host_ok[host] = known
+        if not known:
+            _warn_host(host)
+    return known
 
 
-def _loopback(addr: IPAddress) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
+def _name(host: str) -> str:
+    if host.startswith("["):
+        return host.rpartition("]")[0][1:].lower()
+    # An unbracketed IPv6 address has more than one colon (and no port).
+    return (host if host.count(":") > 1 else host.partition(":")[0]).rstrip(".").lower()
+
+
+_host_warned = False
+
+
+def _warn_host(host: str) -> None:
+    global _host_warned
+    if not _host_warned:
+        _host_warned = True
+        log.warning("runner_mw: a request from a peer that access.networks lets in named Host %.80r, "
+                    "which is not an IP address, localhost or in access.hosts: refused (a guard "
+                    "against DNS rebinding; a token still lets it in). List the names your own "
+                    "callers use in access.hosts. Logged once per process.", host)
 
 
 def local_host(host: str | None) -> bool:
-    """Whether a ``Host`` header can only have been written for this machine: none at all
-    (no browser leaves it out), an IP address, ``localhost`` or a ``*.localhost`` name."""
+    """Whether a ``Host`` header can only have been written for this machine's addresses:
+    none at all (no browser leaves it out), an IP address, ``localhost`` or ``*.localhost``."""
     if not host:
         return True
-    known = _LOCAL_NAMES.get(host)
-    if known is not None:
-        return known
-    if host.startswith("["):
-        name = host.rpartition("]")[0][1:]
-    else:  # an unbracketed IPv6 address has more than one colon (and no port)
-        name = host if host.count(":") > 1 else host.partition(":")[0]
-    name = name.rstrip(".").lower()
+    name = _name(host)
     try:
         ipaddress.ip_address(name.partition("%")[0])
-        local = True
+        return True
     except ValueError:
         # curl sends "127.1" or "2130706433" as written; a browser writes them as dotted
         # quads, so a rebound page cannot send these forms.
-        local = name == "localhost" or name.endswith(".localhost") or _ipv4_shorthand(name)
-    if len(_LOCAL_NAMES) < 1024:
-        _LOCAL_NAMES[host] = local
-    return local
+        return name == "localhost" or name.endswith(".localhost") or _ipv4_shorthand(name)
 
 
 def _ipv4_shorthand(name: str) -> bool:

@@ -77,9 +77,13 @@ class Access:
     networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_NETWORKS)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: Peer address -> its verdict by ``networks`` (``access.check_access``; no proxies only).
+    #: Host names (lowercase, no port) a request let in by ``networks`` may name.
+    hosts: frozenset[str] = frozenset()
+    #: Peer address -> in ``networks`` (``access.check_access``; no proxies only).
     #: Not an init field: ``dataclasses.replace`` with other networks starts an empty one.
-    peers: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
+    peers: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
+    #: Host header -> whether a grant by ``networks`` holds with it (``access.check_access``).
+    host_ok: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -444,6 +444,7 @@ def _build(data: dict[str, Any], source: str, sha256: str, base_dir: Path) -> c.
             networks=tuple(parse_network(n) for n in access.get("networks", c.DEFAULT_NETWORKS)),
             tokens=tuple(t for t in access.get("tokens", []) if t),
             trusted_proxies=tuple(parse_network(n) for n in access.get("trusted_proxies", [])),
+            hosts=frozenset(h.lower() for h in access.get("hosts", [])),
         ),
         metrics_enabled=data.get("metrics", {}).get("enabled", True),
         log_format=logging_.get("format", "text"),

@@ -99,9 +99,14 @@ def test_a_loopback_peer_counts_only_with_a_host_of_this_machine(host: str | Non
     with_token = access(tokens=("t" * 20,))
     environ["HTTP_AUTHORIZATION"] = "Bearer " + "t" * 20
     assert check_access(environ, with_token, None) == ALLOW  # a token still opens it
-    # A peer in another network is let in whatever its Host (a name for a private address).
+    # The same for a peer of any other network (a rebound name may point at a LAN address)...
     lan = {"REMOTE_ADDR": "10.1.2.3", "HTTP_HOST": host or ""}
-    assert check_access(lan, access(networks=("10.0.0.0/8",)), None) == ALLOW
+    assert check_access(lan, access(networks=("10.0.0.0/8",)), None) == (ALLOW if allowed else UNAUTHORIZED)
+    # ... but for the names the operator lists in access.hosts.
+    listed = dataclasses.replace(access(networks=("10.0.0.0/8",)),
+                                 hosts=frozenset({"rebind.attacker.example", "localhost.attacker.example",
+                                                  "127.0.0.1.nip.io"}))
+    assert check_access(lan, listed, None) == ALLOW
 
 
 def test_a_peers_remembered_verdict_is_the_networks_own_and_bounded() -> None:
@@ -270,6 +275,17 @@ def test_closed_to_non_members_with_a_bearer_challenge(kind: str) -> None:
         assert resp.json() == {"error": "unauthorized", "requestId": resp.headers["X-Request-Id"]}
         assert resp.headers["Cache-Control"] == "no-store"
         assert gw.runner.received == []
+
+
+def test_access_hosts_come_from_the_config_lowercased() -> None:
+    backends = {"d": {"kind": "docker", "url": "http://x"}}
+    loaded = config_from_mapping({"version": 1, "backend": "d", "backends": backends,
+                                  "access": {"networks": ["10.0.0.0/8"],
+                                             "hosts": ["Gateway", "app.internal"]}})
+    assert loaded.access.hosts == frozenset({"gateway", "app.internal"})
+    peer = {"REMOTE_ADDR": "10.1.2.3"}
+    assert check_access({**peer, "HTTP_HOST": "GATEWAY:8000"}, loaded.access, None) == ALLOW
+    assert check_access({**peer, "HTTP_HOST": "gateway.evil.example"}, loaded.access, None) == UNAUTHORIZED
 
 
 def test_a_dns_rebound_name_is_not_let_in_as_loopback(kind: str) -> None:

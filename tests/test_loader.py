@@ -224,7 +224,8 @@ CASES: list[Any] = [
     ("tokens-not-a-list", BASE + "access:\n  tokens: abcdefghijklmnopqrstuvwxyz\n",
      [(8, "access.tokens", "the value (not shown: a secret) is invalid (type)")]),
     ("access-unknown-key", BASE + "access:\n  allow: [10.0.0.0/8]\n",
-     [(8, "access.allow", "unknown key 'allow' (expected one of: networks, tokens, trusted_proxies)")]),
+     [(8, "access.allow",
+       "unknown key 'allow' (expected one of: hosts, networks, tokens, trusted_proxies)")]),
     # --- version
     ("version-2", BASE.replace("version: 1", "version: 2"),
      [(1, "version", "2 unsupported version: this runner_mw reads version 1")]),
@@ -772,6 +773,7 @@ def test_python_defaults_equal_the_schema_defaults() -> None:
         f"{p}/access{p}/tokens": (list(cfg.access.tokens), list(c.Access().tokens)),
         f"{p}/access{p}/trusted_proxies": ([str(n) for n in cfg.access.trusted_proxies],
                                            list(c.Access().trusted_proxies)),
+        f"{p}/access{p}/hosts": (sorted(cfg.access.hosts), sorted(c.Access().hosts)),
         f"{p}/metrics{p}/enabled": (cfg.metrics_enabled, c.Config.metrics_enabled),
         f"{p}/logging{p}/format": (cfg.log_format, c.Config.log_format),
         f"{p}/logging{p}/access_log": (cfg.access_log, c.Config.access_log),
