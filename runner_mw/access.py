@@ -74,7 +74,7 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
         allowed = addr is not None and _in(addr, access.networks)
         if peer is not None and len(access.peers) < 4096:
             access.peers[peer] = allowed
-    if allowed and _host_allowed(environ.get("HTTP_HOST"), access):
+    if allowed and _host_allowed(_host(environ, access), access):
         if peer is not None and not _proxy_warned and _forwarded(environ):
             _warn_proxy_in_front(peer)
         return ALLOW
@@ -82,6 +82,19 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     if token is not None and access.tokens and token_matches(token, access.tokens):
         return ALLOW
     return UNAUTHORIZED
+
+
+def _host(environ: Mapping[str, Any], access: Access) -> str | None:
+    """The Host the client sent: ``X-Forwarded-Host`` (its first value) from a trusted proxy
+    that sends one, else ``Host``. (A proxy that rewrites Host and sends no X-Forwarded-Host,
+    nginx's plain ``proxy_pass``, hides it: the README asks for ``proxy_set_header Host
+    $host``.)"""
+    forwarded = environ.get("HTTP_X_FORWARDED_HOST")
+    if forwarded and access.trusted_proxies:
+        peer = _parse_ip(environ.get("REMOTE_ADDR", ""))
+        if peer is not None and _in(peer, access.trusted_proxies):
+            return str(forwarded).split(",", 1)[0].strip()
+    return environ.get("HTTP_HOST")
 
 
 def _host_allowed(host: str | None, access: Access) -> bool:
@@ -178,12 +191,18 @@ def config_warnings(access: Access) -> list[str]:
     client can claim one through a proxy that passes its own ``X-Forwarded-For`` through
     (the README asks for a proxy that appends or overwrites), and so can any host inside
     ``trusted_proxies``."""
+    warnings = []
+    if not access.hosts and any(not net.subnet_of(loop) for net in access.networks  # type: ignore[arg-type]
+                                for loop in _LOOPBACK if net.version == loop.version):
+        warnings.append(
+            f"access.networks lets in {', '.join(str(n) for n in access.networks if not n.is_loopback)} "
+            "but access.hosts is empty: a caller there that names this gateway by a DNS name "
+            "gets 401 (a guard against DNS rebinding); list those names in access.hosts")
     if not access.trusted_proxies:
-        return []
+        return warnings
     trusted = list(ipaddress.collapse_addresses(
         [n for n in access.trusted_proxies if n.version == 4])) + list(ipaddress.collapse_addresses(
         [n for n in access.trusted_proxies if n.version == 6]))
-    warnings = []
     for net in access.networks:
         for loop in _LOOPBACK:
             if net.version != loop.version or not net.overlaps(loop):

@@ -36,6 +36,7 @@ def summary(config: Config) -> dict[str, Any]:
             "networks": [str(n) for n in config.access.networks],
             "tokens": ["***"] * len(config.access.tokens),
             "trusted_proxies": [str(n) for n in config.access.trusted_proxies],
+            "hosts": sorted(config.access.hosts),
         },
         "warnings": config_warnings(config.access),
         "config": redacted(dict(config.data)),
@@ -65,6 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  timeouts     connect {t['connect_ms']} ms, read {t['read_ms']} ms")
     print(f"  service token {'***' if info['service_token'] else '(none)'}")
     print(f"  access       networks {', '.join(info['access']['networks']) or '(none)'}; "
+          f"hosts {', '.join(info['access']['hosts']) or '(IP addresses and localhost only)'}; "
           f"{len(info['access']['tokens'])} token(s)")
     print(f"  backends     {', '.join(info['backends'])}")
     for warning in info["warnings"]:  # valid, but worth a second look: exit 0 still

@@ -130,10 +130,13 @@ class _Watchdog:
                 if acked != entry.acked or queued == 0:  # taken, or nothing to take
                     entry.acked, entry.since = acked, now
                 elif now - entry.since >= entry.seconds:
-                    with self._cond:
-                        self._watched.pop(id(entry), None)
-                    with contextlib.suppress(OSError):
-                        entry.sock.shutdown(socket.SHUT_RDWR)
+                    with self._cond:  # restore() cannot return while this runs
+                        if self._watched.pop(id(entry), None) is None:
+                            continue  # the body ended meanwhile: its socket is not ours now
+                        # The plain socket's shutdown: SSLSocket.shutdown drops its TLS object
+                        # first, and a write racing with it would go out unencrypted.
+                        with contextlib.suppress(OSError):
+                            socket.socket.shutdown(entry.sock, socket.SHUT_RDWR)
 
 
 _watchdog = _Watchdog()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runner_mw.clientsock import bound_sends
+from runner_mw.clientsock import _watchdog, bound_sends
 
 
 @pytest.fixture
@@ -76,3 +76,42 @@ def test_restoring_after_the_client_is_gone_does_not_raise(
     assert deadline is not None
     server.close()  # gunicorn closes a connection whose write failed before the body's close()
     deadline()
+
+
+def fill(sock: socket.socket) -> None:
+    """Write until the kernel takes nothing more (the peer does not read)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    finally:
+        sock.setblocking(True)
+
+
+def test_the_watchdog_shuts_down_a_socket_whose_client_takes_nothing(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # What bound_sends uses under TLS (where SO_SNDTIMEO cannot end a blocking SSL write).
+    server, _ = pair
+    stop = _watchdog.watch(server, 0.3)
+    assert stop is not None
+    fill(server)
+    started = time.monotonic()
+    with pytest.raises(OSError):  # EPIPE once shut down: the blocked write fails
+        for _ in range(10_000):
+            server.sendall(b"x" * 65536)
+    assert time.monotonic() - started < 30
+    stop()
+
+
+def test_the_watchdog_leaves_a_socket_alone_once_its_body_ended(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    stop = _watchdog.watch(server, 0.3)
+    assert stop is not None
+    fill(server)
+    stop()  # the body ended: the connection may serve the next request
+    time.sleep(1.0)
+    info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    assert info[0] == 1  # TCP_ESTABLISHED: never shut down (that would be FIN_WAIT1)
