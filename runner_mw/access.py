@@ -74,7 +74,7 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
         allowed = addr is not None and _in(addr, access.networks)
         if peer is not None and len(access.peers) < 4096:
             access.peers[peer] = allowed
-    if allowed and _host_allowed(_host(environ, access), access):
+    if allowed and _hosts_allowed(environ, access):
         if peer is not None and not _proxy_warned and _forwarded(environ):
             _warn_proxy_in_front(peer)
         return ALLOW
@@ -84,17 +84,22 @@ def check_access(environ: Mapping[str, Any], access: Access, authorize: Authoriz
     return UNAUTHORIZED
 
 
-def _host(environ: Mapping[str, Any], access: Access) -> str | None:
-    """The Host the client sent: ``X-Forwarded-Host`` (its first value) from a trusted proxy
-    that sends one, else ``Host``. (A proxy that rewrites Host and sends no X-Forwarded-Host,
-    nginx's plain ``proxy_pass``, hides it: the README asks for ``proxy_set_header Host
-    $host``.)"""
+def _hosts_allowed(environ: Mapping[str, Any], access: Access) -> bool:
+    """``Host`` allowed, and from a trusted proxy every ``X-Forwarded-Host`` value too. Both:
+    a proxy may pass the client's own X-Forwarded-Host through (nginx unless told to set it;
+    Apache appends to it), so that header can only narrow the grant, never widen it. (A proxy
+    that rewrites Host and sends no X-Forwarded-Host, nginx's plain ``proxy_pass``, hides the
+    client's: the README asks for ``proxy_set_header Host $host``.)"""
+    if not _host_allowed(environ.get("HTTP_HOST"), access):
+        return False
     forwarded = environ.get("HTTP_X_FORWARDED_HOST")
-    if forwarded and access.trusted_proxies:
-        peer = _parse_ip(environ.get("REMOTE_ADDR", ""))
-        if peer is not None and _in(peer, access.trusted_proxies):
-            return str(forwarded).split(",", 1)[0].strip()
-    return environ.get("HTTP_HOST")
+    if forwarded is None or not access.trusted_proxies:
+        return True
+    peer = _parse_ip(environ.get("REMOTE_ADDR", ""))
+    if peer is None or not _in(peer, access.trusted_proxies):
+        return True  # the client's own header, from no proxy: not read
+    values = [v.strip() for v in str(forwarded).split(",")]
+    return all(v and _host_allowed(v, access) for v in values)  # an empty value is no pass
 
 
 def _host_allowed(host: str | None, access: Access) -> bool:

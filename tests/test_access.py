@@ -291,8 +291,21 @@ def test_behind_a_trusted_proxy_the_forwarded_host_is_checked() -> None:
     rebound = {**env("127.0.0.1", "10.1.2.3"), "HTTP_HOST": "127.0.0.1:8000",
                "HTTP_X_FORWARDED_HOST": "rebind.attacker.example"}
     assert check_access(rebound, rules, None) == UNAUTHORIZED
-    local = {**rebound, "HTTP_X_FORWARDED_HOST": "10.0.0.5:8443, proxy.internal"}
+    local = {**rebound, "HTTP_X_FORWARDED_HOST": "10.0.0.5:8443, localhost"}
     assert check_access(local, rules, None) == ALLOW
+
+
+@pytest.mark.parametrize("forwarded", ["localhost", "127.0.0.1", "localhost, rebind.attacker.example",
+                                       ", rebind.attacker.example", " ", ",", "[::1]:8000"])
+def test_a_forwarded_host_a_client_sent_through_the_proxy_never_widens_the_grant(forwarded: str) -> None:
+    # nginx with only "proxy_set_header Host $host" passes the client's X-Forwarded-Host
+    # through; Apache appends to it. Host is checked anyway; the header can only narrow.
+    rules = access(("10.0.0.0/8",), trusted=("127.0.0.1/32",))
+    rebound = {**env("127.0.0.1", "10.1.2.3"), "HTTP_HOST": "rebind.attacker.example",
+               "HTTP_X_FORWARDED_HOST": forwarded}
+    assert check_access(rebound, rules, None) == UNAUTHORIZED
+    empty = {**env("127.0.0.1", "10.1.2.3"), "HTTP_HOST": "127.0.0.1", "HTTP_X_FORWARDED_HOST": ", x"}
+    assert check_access(empty, rules, None) == UNAUTHORIZED  # an empty value is no pass
     # From a peer that is not a trusted proxy, X-Forwarded-Host is the client's word: not read.
     direct = {"REMOTE_ADDR": "10.1.2.3", "HTTP_HOST": "rebind.attacker.example",
               "HTTP_X_FORWARDED_HOST": "localhost"}
