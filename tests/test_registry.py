@@ -4,8 +4,10 @@ and a broken plugin is a config error naming it (never an exception out of the l
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,6 +28,10 @@ PLUGINS = {
             "        return {'type': 'objekt'}\n",
     "raises": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
               "        raise RuntimeError('schema file missing')\n",
+    "leaky": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+             f"        return {GOOD_SCHEMA.replace('KIND', 'leaky')}\n"
+             "    def __init__(self, settings):\n"
+             "        raise RuntimeError(f'login refused for token {settings.service_token}')\n",
     "unimportable": "import no_such_module_anywhere\n",
     "notabackend": "class Backend:\n    pass\n",
 }
@@ -129,3 +135,29 @@ def test_a_plugin_schema_that_changes_is_checked_again(monkeypatch: pytest.Monke
     Changing.schema = {"type": "object", "required": "url"}  # not a schema: required is a list
     assert "the settings schema of backend kind 'changing' is broken" in issue_of(config("changing"))
 
+
+
+@pytest.mark.usefixtures("plugins")
+def test_a_plugins_exception_in_a_reload_never_quotes_a_secret(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The master's failed-reload line (the journal) and the published error (every worker's
+    # status) carried a plugin's exception text as it was.
+    from runner_mw import loader
+    from runner_mw.gunicorn import _Master
+
+    monkeypatch.setattr(loader, "SETTLE_S", 0.0)
+    token = "s3cret-service-token-0123456789"
+    file = tmp_path / "runner.yaml"
+    file.write_text(config("docker", active=False) + f"upstream:\n  service_token: {token}\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    server = SimpleNamespace(log=logging.getLogger("test.master"), cfg=SimpleNamespace(uid=None, gid=None))
+    master = _Master(server, str(file), str(state / "state.json"), None)
+    master.first_load()
+    caplog.set_level(logging.INFO, logger="test.master")
+    file.write_text(config("leaky") + f"upstream:\n  service_token: {token}\n")
+    master.reload()
+    published = json.loads((state / "state.json").read_text())
+    assert published["ok"] is False and "RuntimeError: login refused for token" in published["error"]
+    assert token not in published["error"] and token not in caplog.text
+    assert "reload result=failed" in caplog.text
