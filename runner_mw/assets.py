@@ -163,6 +163,8 @@ def handle_asset(
         # 200 even if the client leaves before the body is written.)
         try:
             upstream.close()
+        except Exception:  # a plugin's close(): the answer is already under way, keep it
+            log.exception("runner_mw: closing the runner's reply failed")
         finally:
             done(status)
         return [first] if first else []

@@ -55,7 +55,7 @@ from runner_mw import metrics
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import config_dir, config_from_mapping, load_config
-from runner_mw.logs import Redactor, secrets_of
+from runner_mw.logs import redacted
 from runner_mw.snapshot import changes
 
 __all__ = ["child_exit", "on_exit", "on_starting", "post_worker_init"]
@@ -275,7 +275,7 @@ class _Master:
         except Exception as exc:
             # ConfigError says FILE:LINE: key: problem; anything else is still only a failed attempt,
             # whose text (a plugin's exception) may quote a secret: it goes to the journal and status.
-            error = str(exc) if isinstance(exc, ConfigError) else _redacted(
+            error = str(exc) if isinstance(exc, ConfigError) else redacted(
                 f"{self.path}: {type(exc).__name__}: {exc}", self.good, config)
             assert self.good is not None
             self._publish(self.good, self.generation, ok=False, error=error)  # keeps the last good data
@@ -363,13 +363,6 @@ class _Master:
                 os.makedirs(path, mode=0o700, exist_ok=True)
                 if self.owner:
                     os.chown(path, *self.owner)
-
-
-def _redacted(text: str, *configs: Config | None) -> str:
-    """``text`` with the secrets of these configs, and secret-shaped text, masked."""
-    redactor = Redactor()
-    redactor.remember(set().union(*(secrets_of(c) for c in configs if c is not None)))
-    return redactor.redact(text)
 
 
 def _worker_owner(server: Any) -> tuple[int, int] | None:

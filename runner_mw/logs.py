@@ -341,6 +341,15 @@ def secrets_of(config: Config) -> set[str]:
     return found
 
 
+def redacted(text: str, *configs: Config | None) -> str:
+    """``text`` with the secrets of these configs, and secret-shaped text, masked. For text
+    that may quote a secret the process does not redact yet (a plugin's exception about a
+    config being loaded): reload errors shown in logs and status."""
+    redactor = Redactor()
+    redactor.remember(set().union(*(secrets_of(c) for c in configs if c is not None)))
+    return redactor.redact(text)
+
+
 def setup_logging(config: Config) -> None:
     """Redact this config's secrets; give runner_mw a handler if the host has none."""
     global _handler

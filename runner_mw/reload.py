@@ -27,6 +27,9 @@ log = logging.getLogger("runner_mw.reload")
 POLL_S = 0.1
 
 _middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
+# Those a SIGHUP reloads: built with reload_signal (the default) where a handler could be
+# installed. reload_signal=False, or built off the main thread, means reload() by hand only.
+_on_signal: weakref.WeakSet[Any] = weakref.WeakSet()
 _pending = False
 _watcher_pid = 0
 _start_lock = threading.Lock()
@@ -90,7 +93,8 @@ def attach(middleware: Any, *, signal_handler: bool) -> None:
         hooks.register(middleware)  # a no-op outside a managed gunicorn worker
     if not signal_handler or under_gunicorn():
         return
-    install_handler()
+    if install_handler():
+        _on_signal.add(middleware)
     ensure_watcher()
 
 
@@ -137,8 +141,9 @@ def _watch() -> None:
 
 
 def reload_all() -> None:
-    """Reload every live middleware of this process (errors are logged, never raised)."""
-    for mw in list(_middlewares):
+    """Reload every live middleware of this process that SIGHUP reloads (errors are
+    logged, never raised)."""
+    for mw in list(_on_signal):
         if getattr(getattr(mw, "store", None), "path", None) is None:
             continue  # built from a mapping or a Config: nothing to re-read
         try:

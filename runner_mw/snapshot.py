@@ -9,6 +9,7 @@ requests have finished (or after a bounded grace period).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -23,9 +24,12 @@ from runner_mw.backends.registry import build_backend
 from runner_mw.config import SECRET_KEYS, Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
-from runner_mw.logs import setup_logging
+from runner_mw.logs import redacted, setup_logging
 
 log = logging.getLogger("runner_mw.reload")
+
+
+_SERIALS = itertools.count(1)
 
 
 class Snapshot:
@@ -36,6 +40,7 @@ class Snapshot:
         self.config = config
         self.backend = backend
         self.generation = generation
+        self.serial = next(_SERIALS)  # unique in the process (an id() is reused once freed)
         self.loaded_at = time.time()
         self._inflight = 0
         self._retired = False
@@ -106,7 +111,10 @@ class SnapshotStore:
                  build: Callable[[Any], RunnerBackend] = build_backend) -> None:
         self.path = path
         self._build = build
-        self._lock = threading.Lock()  # serialises reloads; never taken by requests
+        self._lock = threading.Lock()  # serialises swaps; never taken by requests
+        # One reload at a time, read to swap: else an older edit read first but validated
+        # slower could be applied after a newer one (a HUP and a manual reload() at once).
+        self._reloading = threading.Lock()
         self.current = Snapshot(config, build(config.active), 1)
         self.last_reload = ReloadOutcome(ok=True, at=self.current.loaded_at, generation=1)
         _warn(config)
@@ -115,14 +123,15 @@ class SnapshotStore:
         """Re-read ``path``: swap on success, keep the old snapshot on any error."""
         if self.path is None:
             raise RuntimeError("this store was built from a mapping: use apply()")
-        try:
-            config = load_config(self.path, settle=True)
-        except ConfigError as exc:
-            return self.fail(str(exc))
-        except Exception as exc:  # a bug (ours, a plugin's): still a failed reload, never a raise
-            log.exception("reload: the config could not be loaded")
-            return self.fail(f"{type(exc).__name__}: {exc}")
-        return self.apply(config)
+        with self._reloading:
+            try:
+                config = load_config(self.path, settle=True)
+            except ConfigError as exc:
+                return self.fail(str(exc))
+            except Exception as exc:  # a bug (ours, a plugin's): still a failed reload, never a raise
+                log.exception("reload: the config could not be loaded")
+                return self.fail(redacted(f"{type(exc).__name__}: {exc}", self.current.config))
+            return self.apply(config)
 
     def apply(self, config: Config, generation: int | None = None, *,
               at: float | None = None) -> ReloadOutcome:
@@ -146,7 +155,10 @@ class SnapshotStore:
             try:
                 backend = self._build(config.active)
             except Exception as exc:
-                return self._fail_locked(f"cannot build backend {config.backend!r}: {exc}")
+                # A plugin's text may quote a secret, the new config's too: not in the log,
+                # the outcome or status as it is.
+                return self._fail_locked(redacted(f"cannot build backend {config.backend!r}: {exc}",
+                                                  old.config, config))
             setup_logging(config)
             new_gen = generation if generation is not None else old.generation + 1
             snapshot = Snapshot(config, backend, new_gen)

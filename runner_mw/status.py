@@ -31,7 +31,7 @@ class HealthCache:
         self._probing: tuple[int, threading.Event] | None = None  # whose probe runs, its end
 
     def get(self, snap: Snapshot) -> dict[str, Any]:
-        key = id(snap)
+        key = snap.serial  # not id(snap): a retired snapshot's id may be the next one's
         while True:
             with self._lock:
                 if self._key == key and time.monotonic() - self._at < HEALTH_TTL_S:

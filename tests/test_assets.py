@@ -326,6 +326,30 @@ def test_every_asset_response_is_sandboxed_by_its_own_csp(gateway: Gateway) -> N
     assert sandbox in (revalidated.headers.get_all("Content-Security-Policy") or [])
 
 
+def test_a_small_assets_close_that_raises_does_not_spoil_the_answer(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A plugin's close() that raised after start_response: the middleware's catch-all then
+    # called start_response again, and the server sent its own 500 page (no request id).
+    from types import SimpleNamespace
+
+    from runner_mw.assets import handle_asset
+
+    def close() -> None:
+        raise RuntimeError("close boom")
+
+    reply = AssetResponse(200, [("Content-Type", "text/plain")], iter([b"small"]), close=close,
+                          complete=lambda: True)
+    active = SimpleNamespace(service_token=None, host=None, url="http://127.0.0.1:9")
+    snap = SimpleNamespace(config=SimpleNamespace(active=active, asset_prefixes=("ext-ui/",)),
+                           backend=SimpleNamespace(fetch_asset=lambda *a: reply))
+    started: list[str] = []
+    done: list[int] = []
+    body = handle_asset({"REQUEST_METHOD": "GET"}, lambda status, headers: started.append(status),
+                        snap, "rid", "ext-ui/x/h/a.txt", done.append)  # type: ignore[arg-type]
+    assert body == [b"small"] and started == ["200 OK"] and done == [200]
+    assert "closing the runner's reply failed" in caplog.text
+
+
 def test_a_streamed_body_gives_the_connection_back_without_close() -> None:
     # werkzeug's server skips close() when the client resets during its drain of the request.
     closed: list[bool] = []

@@ -209,6 +209,29 @@ def test_installing_off_the_main_thread_logs_a_warning_and_does_not_raise(
     result["mw"].close()
 
 
+def test_reload_signal_false_is_not_reloaded_by_another_middlewares_sighup(
+        tmp_path: Path, sighup_restored: None) -> None:
+    # reload_signal=False means reload() by hand only, also when another middleware of the
+    # process installed the handler.
+    text = "version: 1\nbackend: a\nbackends:\n  a: {{kind: docker, url: 'http://127.0.0.1:{port}'}}\n"
+    files = [tmp_path / "a.yaml", tmp_path / "b.yaml"]
+    for file in files:
+        file.write_text(text.format(port=1), encoding="utf-8")
+    by_signal = RunnerMiddleware(hello, str(files[0]))
+    by_hand = RunnerMiddleware(hello, str(files[1]), reload_signal=False)
+    try:
+        for file in files:
+            file.write_text(text.format(port=2), encoding="utf-8")
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: by_signal.store.current.generation == 2, what="the SIGHUP reload")
+        time.sleep(0.3)  # the watcher's pass is done; nothing else may come
+        assert by_hand.store.current.generation == 1
+        assert by_hand.reload().generation == 2
+    finally:
+        by_signal.close()
+        by_hand.close()
+
+
 def test_reload_all_skips_middlewares_built_from_a_mapping(
         runners: tuple[StandinRunner, StandinRunner], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="runner_mw")

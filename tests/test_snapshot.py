@@ -230,6 +230,49 @@ def test_a_backend_that_cannot_be_built_keeps_the_old_snapshot(builds: Builds) -
     assert store.current is snap
 
 
+def test_a_failed_build_never_quotes_a_secret_of_the_new_config(
+        builds: Builds, caplog: pytest.LogCaptureFixture) -> None:
+    # A plugin's error about the config being loaded may quote its token: the log line, the
+    # outcome and so status carried it (the process redacts only the current config's).
+    store = SnapshotStore(config(), build=builds)
+    token = "rotated-8f2c1e9a4b7d6f3e0a1b2c3d4e5f6a7b"
+    builds.fail_with = RuntimeError(f"login refused for token {token}")
+    new = config_from_mapping({"version": 1, "backend": "a", "upstream": {"service_token": token},
+                               "backends": {"a": {"kind": "docker", "url": "http://127.0.0.1:9"}}})
+    outcome = store.apply(new)
+    assert not outcome.ok and "login refused for token" in (outcome.error or "")
+    assert token not in (outcome.error or "") and token not in caplog.text
+
+
+def test_concurrent_reloads_end_on_the_file_on_disk(builds: Builds, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # An older edit read first but validated slower was applied after a newer one: a HUP
+    # and a manual reload() at once could leave the process on a file no longer on disk.
+    from runner_mw import snapshot
+
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:1"), encoding="utf-8")
+    store = SnapshotStore(config(), path=str(file), build=builds)
+    real_load = snapshot.load_config
+    first_read = threading.Event()
+
+    def slow_first(path: str, **kwargs: Any) -> Config:
+        loaded = real_load(path, **kwargs)
+        if not first_read.is_set():
+            first_read.set()
+            time.sleep(0.5)  # edit 1 read, still being validated
+        return loaded
+
+    monkeypatch.setattr(snapshot, "load_config", slow_first)
+    first = threading.Thread(target=store.reload)
+    first.start()
+    first_read.wait(T)
+    file.write_text(yaml_text("http://127.0.0.1:2"), encoding="utf-8")  # edit 2, and its reload
+    store.reload()
+    first.join(T)
+    assert store.current.config.active.url == "http://127.0.0.1:2"
+
+
 def test_mark_failed_reports_the_error_and_keeps_everything(builds: Builds) -> None:
     store = SnapshotStore(config(), build=builds)
     snap = store.current

@@ -29,3 +29,26 @@ def test_a_flood_of_status_requests_is_one_probe_of_the_runner() -> None:
         assert len(probes) == 1, len(probes)
         assert cache.get(snap)["ok"] is True and len(
             [r for r in gw.runner.received if r.raw_path == "/healthz"]) == 1  # cached
+
+
+def test_status_health_is_never_another_snapshots() -> None:
+    # Keyed on id(snap), a retired, collected snapshot's cached health (5 s) was the next
+    # one's when it got the same address: a dead runner reported ok.
+    from types import SimpleNamespace
+
+    from runner_mw.snapshot import Snapshot
+    from runner_mw.status import HealthCache
+
+    cache = HealthCache()
+    live = SimpleNamespace(health=lambda: {"ok": True})
+    dead = SimpleNamespace(health=lambda: {"ok": False, "error": "NotSent: refused"})
+    reused = 0
+    for _ in range(50):
+        old = Snapshot(SimpleNamespace(), live, 1)  # type: ignore[arg-type]
+        assert cache.get(old)["ok"] is True
+        old_id = id(old)
+        del old
+        new = Snapshot(SimpleNamespace(), dead, 2)  # type: ignore[arg-type]
+        reused += id(new) == old_id
+        assert cache.get(new)["ok"] is False
+    assert reused, "no address was reused: the case this guards did not happen"
