@@ -114,7 +114,9 @@ class SnapshotStore:
         self._lock = threading.Lock()  # serialises swaps; never taken by requests
         # One reload at a time, read to swap: else an older edit read first but validated
         # slower could be applied after a newer one (a HUP and a manual reload() at once).
-        self._reloading = threading.Lock()
+        # Reentrant: a host's own SIGHUP handler calling reload() runs on the main thread,
+        # also while that thread sleeps in a reload's settle wait.
+        self._reloading = threading.RLock()
         self.current = Snapshot(config, build(config.active), 1)
         self.last_reload = ReloadOutcome(ok=True, at=self.current.loaded_at, generation=1)
         _warn(config)

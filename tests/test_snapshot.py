@@ -273,6 +273,32 @@ def test_concurrent_reloads_end_on_the_file_on_disk(builds: Builds, tmp_path: Pa
     assert store.current.config.active.url == "http://127.0.0.1:2"
 
 
+def test_a_reload_nested_in_a_reload_on_the_same_thread_does_not_hang(
+        builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host's SIGHUP handler calling reload() runs on the main thread, also while that
+    # thread sleeps in a reload's settle wait: the reload lock must let it through.
+    from runner_mw import snapshot
+
+    file = tmp_path / "runner.yaml"
+    file.write_text(yaml_text("http://127.0.0.1:1"), encoding="utf-8")
+    store = SnapshotStore(config(), path=str(file), build=builds)
+    real_load = snapshot.load_config
+    nested: list[Any] = []
+
+    def load_with_a_signal_inside(path: str, **kwargs: Any) -> Config:
+        if not nested:
+            nested.append(None)
+            nested[0] = store.reload()  # as the handler would, mid-read
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(snapshot, "load_config", load_with_a_signal_inside)
+    outer = threading.Thread(target=store.reload, daemon=True)
+    outer.start()
+    outer.join(T)
+    assert not outer.is_alive(), "the nested reload deadlocked"
+    assert nested[0].ok and store.current.config.active.url == "http://127.0.0.1:1"
+
+
 def test_mark_failed_reports_the_error_and_keeps_everything(builds: Builds) -> None:
     store = SnapshotStore(config(), build=builds)
     snap = store.current
