@@ -112,7 +112,7 @@ def _host_allowed(host: str | None, access: Access) -> bool:
         return True  # no browser leaves Host out
     known = access.host_ok.get(host)
     if known is None:
-        known = local_host(host) or _name(host) in access.hosts
+        known = _local_host(host) or _name(host) in access.hosts
         if len(access.host_ok) < 1024:
             access.host_ok[host] = known
         if not known:
@@ -140,11 +140,9 @@ def _warn_host(host: str) -> None:
                     "callers use in access.hosts. Logged once per process.", host)
 
 
-def local_host(host: str | None) -> bool:
+def _local_host(host: str) -> bool:
     """Whether a ``Host`` header can only have been written for this machine's addresses:
-    none at all (no browser leaves it out), an IP address, ``localhost`` or ``*.localhost``."""
-    if not host:
-        return True
+    an IP address, ``localhost`` or ``*.localhost``."""
     name = _name(host)
     try:
         ipaddress.ip_address(name.partition("%")[0])

@@ -203,7 +203,7 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
     if not on_runner:
         if path.startswith("//") or _SCHEME.match(path):
             return name, value  # another origin: the runner's to choose
-        if not path.startswith(("/", "\\")) and _plain_relative(path):
+        if not path.startswith(("/", "\\")) and _plain(path):
             return name, value  # below the redirecting asset's folder, under /runner/
     log.info("runner_mw: a runner redirect outside the assets was dropped (its Location is not passed)")
     return None
@@ -212,21 +212,16 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def _plain_relative(path: str) -> bool:
-    """A relative reference with no dot segment (literal or encoded), backslash or control
-    character: it resolves below the folder of the asset that redirects."""
-    if not path.isprintable():
-        return False
-    target = path.split("?", 1)[0].split("#", 1)[0]
-    return all(unquote(segment) not in (".", "..") and "\\" not in unquote(segment)
-               for segment in target.split("/"))
-
-
 def _asset_path(path: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether ``path`` is a plain path under an asset prefix: starts ``/<prefix>``, no
-    control character, no backslash and no dot segment, literal or percent-encoded
-    (browsers resolve ``%2e``), so that the rewritten URL cannot leave ``/runner/``."""
-    if not (path.startswith("/") and path[1:].startswith(prefixes)) or not path.isprintable():
+    """Whether ``path`` is a plain path (``_plain``) under an asset prefix: starts
+    ``/<prefix>``, so that the rewritten URL cannot leave ``/runner/``."""
+    return path.startswith("/") and path[1:].startswith(prefixes) and _plain(path)
+
+
+def _plain(path: str) -> bool:
+    """No control character, backslash or dot segment, literal or percent-encoded (browsers
+    resolve ``%2e``): a reference that cannot climb out of the folder it is resolved in."""
+    if not path.isprintable():
         return False  # (browsers delete tabs from URLs: ".\t." would become "..")
     target = path.split("?", 1)[0].split("#", 1)[0]
     for segment in target.split("/"):

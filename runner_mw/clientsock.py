@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runner_mw.backends.wire import timeval
+from runner_mw.backends.wire import TCP_INFO, TCP_INFO_LEN, timeval
 
 _TIMEVAL_BYTES = len(timeval(1.0))
 
@@ -58,23 +58,21 @@ def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] |
     return restore
 
 
-_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
-_TCP_INFO_LEN = 128  # up to tcpi_bytes_acked (Linux 4.2)
-_BYTES_ACKED = struct.Struct("Q").unpack_from  # at offset 120
+_BYTES_ACKED = struct.Struct("Q").unpack_from  # tcpi_bytes_acked, at offset 120
 
 
 def _progress(sock: socket.socket) -> tuple[int, int] | None:
     """(bytes the client acknowledged, bytes still queued to it), or None where the kernel
     does not say (another OS, an older kernel, a closed socket)."""
-    if _TCP_INFO is None:
+    if TCP_INFO is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_LEN)
         queued = array.array("i", [0])
         fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
     except (OSError, ValueError):
         return None
-    if len(info) < _TCP_INFO_LEN:
+    if len(info) < TCP_INFO_LEN:
         return None
     return _BYTES_ACKED(info, 120)[0], queued[0]
 

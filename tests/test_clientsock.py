@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -90,13 +90,20 @@ def fill(sock: socket.socket) -> None:
         sock.setblocking(True)
 
 
-def test_the_watchdog_shuts_down_a_socket_whose_client_takes_nothing(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    # What bound_sends uses under TLS (where SO_SNDTIMEO cannot end a blocking SSL write).
+@pytest.fixture
+def watched(pair: tuple[socket.socket, socket.socket]) -> tuple[socket.socket, Callable[[], None]]:
+    """The server side watched with a 0.3 s deadline, its send buffer full; and the stop."""
     server, _ = pair
     stop = _watchdog.watch(server, 0.3)
     assert stop is not None
     fill(server)
+    return server, stop
+
+
+def test_the_watchdog_shuts_down_a_socket_whose_client_takes_nothing(
+        watched: tuple[socket.socket, Callable[[], None]]) -> None:
+    # What bound_sends uses under TLS (where SO_SNDTIMEO cannot end a blocking SSL write).
+    server, stop = watched
     started = time.monotonic()
     with pytest.raises(OSError):  # EPIPE once shut down: the blocked write fails
         for _ in range(10_000):
@@ -106,11 +113,8 @@ def test_the_watchdog_shuts_down_a_socket_whose_client_takes_nothing(
 
 
 def test_the_watchdog_leaves_a_socket_alone_once_its_body_ended(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    server, _ = pair
-    stop = _watchdog.watch(server, 0.3)
-    assert stop is not None
-    fill(server)
+        watched: tuple[socket.socket, Callable[[], None]]) -> None:
+    server, stop = watched
     stop()  # the body ended: the connection may serve the next request
     time.sleep(1.0)
     info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)

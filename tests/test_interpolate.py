@@ -166,6 +166,15 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
 # --------------------------------------------------------------------------- {file: PATH} secrets
 
 
+def _secret_file_problem(folder: Path) -> str:
+    """The one issue loading ``_config(folder, "token")`` gives, at the reference's key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(folder, "token"), env={})
+    [issue] = info.value.issues
+    assert (issue.line, issue.path) == (8, "upstream.service_token.file")
+    return issue.message
+
+
 def _config(folder: Path, token_ref: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "runner.yaml"
@@ -261,11 +270,7 @@ def test_secret_file_missing_in_a_list(tmp_path: Path) -> None:
 
 def test_secret_file_oversize(tmp_path: Path) -> None:
     (tmp_path / "token").write_bytes(b"a" * (MAX_SECRET_FILE_BYTES + 1))
-    with pytest.raises(ConfigError) as info:
-        load_config(_config(tmp_path, "token"), env={})
-    [issue] = info.value.issues
-    assert (issue.line, issue.path) == (8, "upstream.service_token.file")
-    assert f"larger than {MAX_SECRET_FILE_BYTES} bytes" in issue.message
+    assert f"larger than {MAX_SECRET_FILE_BYTES} bytes" in _secret_file_problem(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n", b"  \n"])
@@ -273,11 +278,7 @@ def test_secret_file_empty_is_an_error_not_no_token(tmp_path: Path, content: byt
     # Most likely a file caught while it is rewritten in place: a reload then kept the last
     # config but dropped its token, silently.
     (tmp_path / "token").write_bytes(content)
-    with pytest.raises(ConfigError) as info:
-        load_config(_config(tmp_path, "token"), env={})
-    [issue] = info.value.issues
-    assert (issue.line, issue.path) == (8, "upstream.service_token.file")
-    assert "is empty" in issue.message
+    assert "is empty" in _secret_file_problem(tmp_path)
 
 
 def test_a_nested_default_in_a_secret_is_an_error_not_a_literal_token(tmp_path: Path) -> None:
@@ -299,11 +300,7 @@ def test_secret_file_exactly_at_the_cap_is_read(tmp_path: Path) -> None:
 
 def test_secret_file_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "token").write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(ConfigError) as info:
-        load_config(_config(tmp_path, "token"), env={})
-    [issue] = info.value.issues
-    assert (issue.line, issue.path) == (8, "upstream.service_token.file")
-    assert "is not UTF-8 text" in issue.message
+    assert "is not UTF-8 text" in _secret_file_problem(tmp_path)
 
 
 def test_secret_file_reference_must_be_a_path(tmp_path: Path) -> None:

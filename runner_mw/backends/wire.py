@@ -91,8 +91,8 @@ class _Conn:
             return True
 
 
-_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
-_TCP_INFO_LEN = 136  # up to tcpi_bytes_received (Linux 4.1): the layout only ever grows
+TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
+TCP_INFO_LEN = 136  # up to tcpi_bytes_received (Linux 4.1): the layout only ever grows
 _TCP_ESTABLISHED = 1
 _BYTES_RECEIVED = struct.Struct("Q").unpack_from  # tcpi_bytes_received, at offset 128
 
@@ -105,13 +105,13 @@ def tcp_idle(sock: socket.socket, received: int) -> bool | None:
     Why not just poll: ``getsockopt`` runs with the GIL held, where ``poll`` releases it,
     and under a threaded server every release is a likely hand-off to another thread.
     """
-    if _TCP_INFO is None:
+    if TCP_INFO is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_LEN)
     except OSError:
         return False
-    if len(info) < _TCP_INFO_LEN:
+    if len(info) < TCP_INFO_LEN:
         return None
     return info[0] == _TCP_ESTABLISHED and _BYTES_RECEIVED(info, 128)[0] == received
 
