@@ -37,6 +37,9 @@ MIN_SCANNED = 16
 #: otherwise run it on the host app's origin (its cookies, a credentialed ``/v1/execute``).
 #: A second CSP header (browsers enforce each one, so the runner's own policy holds too); no
 #: ``allow-same-origin`` and no top navigation: an opaque origin, as in the iframe.
+#: Not on a 304 that carries no policy of its own: a cache that applies a 304 replaces every
+#: stored header of the same name (RFC 9111 4.3.4), so the sandbox alone would replace the
+#: stored pair and drop the runner's policy (its ``script-src``) for good.
 SANDBOX = ("Content-Security-Policy",
            "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads")
 
@@ -146,7 +149,8 @@ def handle_asset(
             prefixes, origins = snap.config.asset_prefixes, _origins(active)
             relocated = (_relocate(n, v, environ, prefixes, origins) for n, v in out)
             out = [header for header in relocated if header is not None]
-        out.append(SANDBOX)
+        if upstream.status != 304 or any(n.lower() == "content-security-policy" for n, _ in out):
+            out.append(SANDBOX)
         out.append(("X-Request-Id", rid))
         whole = upstream.complete()  # (a backend's own code: inside this guard)
         start_response(status_line(upstream.status), out)

@@ -36,8 +36,21 @@ EXECUTE_REQUEST_ALLOW = frozenset({
 # Set by the WSGI server or by us; a runner's copy would duplicate them.
 # Credentials a runner or an ingress in front of it may echo (the service token among them)
 # never reach a browser either.
-_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "server", "date", "x-request-id",
-                               SERVICE_TOKEN, "authorization", "proxy-authorization"}
+# And headers that act on the whole origin, not on this one response: on the host app's origin
+# a runner could wipe the app's cookies and storage (Clear-Site-Data, honoured even from a
+# sandboxed frame), pin HSTS or alternative services, widen a service worker's scope, collect
+# the origin's error reports, or send the page to its own address (Refresh, where a Location
+# would be dropped or rewritten).
+ORIGIN_WIDE = frozenset({
+    "clear-site-data", "strict-transport-security", "alt-svc", "service-worker-allowed",
+    "nel", "report-to", "reporting-endpoints", "refresh", "origin-agent-cluster",
+    "accept-ch", "critical-ch", "set-login", "public-key-pins", "public-key-pins-report-only",
+    "expect-ct",
+})
+_RESPONSE_DROP = HOP_BY_HOP | ORIGIN_WIDE | {
+    "set-cookie", "set-cookie2", "server", "date", "x-request-id", SERVICE_TOKEN, "authorization",
+    "proxy-authorization",
+}
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 

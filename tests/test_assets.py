@@ -133,6 +133,23 @@ def test_runner_cookies_are_dropped(gateway: Gateway) -> None:
     assert "cookie" not in gateway.runner.received[1].headers  # and no cookie jar sends them back
 
 
+def test_headers_that_act_on_the_whole_origin_are_dropped(gateway: Gateway) -> None:
+    # The UI is served on the host app's origin: Clear-Site-Data from a sandboxed frame still
+    # wiped the host's session cookie (Chromium), Refresh sent the page to the runner's address.
+    from runner_mw.headers import ORIGIN_WIDE
+
+    sent = [(name.title(), "x") for name in sorted(ORIGIN_WIDE)]
+    gateway.runner.respond("/ext-ui/", 200, [("Content-Type", "text/css"), ("Clear-Site-Data", '"cookies"'),
+                                             ("Refresh", "0; url=http://10.0.0.5:8080/x"), *sent,
+                                             ("Vary", "Accept-Encoding")], b"x{}")
+    resp = gateway.raw("GET", "/runner/ext-ui/a/b/c.css")
+    assert resp.status == 200 and resp.body == b"x{}"
+    names = {name.lower() for name, _ in resp.headers.items()}
+    assert "clear-site-data" in ORIGIN_WIDE and "refresh" in ORIGIN_WIDE
+    assert not names & ORIGIN_WIDE, names & ORIGIN_WIDE
+    assert resp.header("Vary") == "Accept-Encoding"  # what describes this response stays
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_compressed_bytes_pass_unchanged(gateway: Gateway, chunked: bool) -> None:
     payload = gzip.compress(b"console.log('hello');\n" * 500, mtime=0)
@@ -323,7 +340,22 @@ def test_every_asset_response_is_sandboxed_by_its_own_csp(gateway: Gateway) -> N
     assert etag
     revalidated = gateway.raw("GET", INDEX + Q, [("If-None-Match", etag)])
     assert revalidated.status == 304
-    assert sandbox in (revalidated.headers.get_all("Content-Security-Policy") or [])
+
+
+def test_a_304_leaves_the_cached_policies_as_they_were(gateway: Gateway) -> None:
+    # A cache applying a 304 replaces every stored header of the same name (RFC 9111 4.3.4):
+    # the sandbox alone on a 304 would replace the stored pair and drop the runner's policy.
+    sandbox = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
+    etag = gateway.raw("GET", INDEX + Q).header("ETag")
+    revalidated = gateway.raw("GET", INDEX + Q, [("If-None-Match", etag)])
+    assert revalidated.status == 304
+    assert revalidated.headers.get_all("Content-Security-Policy") in (None, [])
+    # A 304 with a policy of its own replaces the stored ones: the sandbox goes with it.
+    gateway.runner.respond("/ext-ui/cached/", 304, [("ETag", '"x"'), ("Content-Security-Policy",
+                                                                       "script-src 'self'")])
+    own = gateway.raw("GET", "/runner/ext-ui/cached/h/index.html", [("If-None-Match", '"x"')])
+    assert own.status == 304
+    assert sorted(own.headers.get_all("Content-Security-Policy") or []) == [sandbox, "script-src 'self'"]
 
 
 def test_a_small_assets_close_that_raises_does_not_spoil_the_answer(
