@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -213,6 +214,7 @@ class RunnerMiddleware:
 
 
 _PLAIN_METHODS = frozenset({"GET", "HEAD", "POST"})
+_METHOD = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 
 def _log_request(route: str, backend: str, status: int, seconds: float, rid: str,
@@ -226,8 +228,11 @@ def _log_request(route: str, backend: str, status: int, seconds: float, rid: str
         log_checked(access_log, f"request route={route} backend={backend} method={method} "
                                 f"status={status} upstream_ms={seconds * 1000:.1f} request_id={rid}")
     else:
+        # The client's own word (werkzeug's server takes any method without a space): quoted
+        # unless it is a plain token, so that escape codes and line breaks cannot reach a terminal.
+        shown = method if isinstance(method, str) and _METHOD.fullmatch(method) else repr(method)[:40]
         access_log.info("request route=%s backend=%s method=%s status=%d upstream_ms=%.1f request_id=%s",
-                        route, backend, method, status, seconds * 1000, rid)
+                        route, backend, shown, status, seconds * 1000, rid)
 
 
 __all__ = ["RunnerMiddleware"]

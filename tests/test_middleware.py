@@ -394,6 +394,20 @@ def test_one_access_line_per_request_without_secrets(gateway: Gateway,
     assert gateway.app.seen == []
 
 
+@pytest.mark.parametrize("path", ["/v1/execute", INDEX])
+def test_a_method_with_escape_codes_is_quoted_in_the_access_line(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    # werkzeug's server takes any method without a space: raw, it could rewrite a terminal.
+    caplog.set_level(logging.INFO, logger="runner_mw.access")
+    assert gateway.raw("\x1b[1A\x1b[2K\x1b]0;pwned\x07GET", path, [("X-Request-Id", "esc-1")]).status == 405
+    assert gateway.raw("PROPFIND", path, [("X-Request-Id", "esc-2")]).status == 405
+    lines = wait_until(lambda: [line for line in access_lines(caplog) if "request_id=esc-" in line]
+                       if len(access_lines(caplog)) >= 2 else None, what="access lines")
+    assert not any("\x1b" in line or "\x07" in line for line in lines), lines
+    assert any("method='\\x1b[1A" in line for line in lines), lines
+    assert any("method=PROPFIND " in line for line in lines), lines
+
+
 def test_upstream_failures_are_logged_without_secrets(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with running_gateway(runner_url=f"http://127.0.0.1:{closed_port()}",
