@@ -71,6 +71,11 @@ def compact_json(doc: Any) -> bytes:
         return _COMPACT.encode(doc).encode()
 
 
+#: A body that parsed but nests too deeply to be written again (orjson stops at 255 levels,
+#: the standard library at the interpreter's recursion limit).
+TOO_DEEP = "the body nests too deeply"
+
+
 class _Refused(Exception):
     def __init__(self, status: int, code: str, detail: str | None = None) -> None:
         self.status, self.code, self.detail = status, code, detail
@@ -145,7 +150,10 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
     idem = headers.get("x-idempotency-key")
     if idem is not None:
         if idem.strip():
-            headers["x-idempotency-key"] = bound_idempotency_key(envelope, idem)
+            try:
+                headers["x-idempotency-key"] = bound_idempotency_key(envelope, idem)
+            except RecursionError:  # the standard library's dump, a frame deeper than the parse
+                raise _Refused(400, "invalid_request", TOO_DEEP) from None
         else:  # an empty key is no key (the runner ignores one), never one shared by every caller
             del headers["x-idempotency-key"]
     headers["x-request-id"] = rid
@@ -161,7 +169,10 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         problem = unicode_problem(envelope)
         if problem:
             raise _Refused(400, "invalid_request", problem) from None
-        return _COMPACT.encode(envelope).encode(), headers  # compact_json's own fallback
+        try:
+            return _COMPACT.encode(envelope).encode(), headers  # compact_json's own fallback
+        except RecursionError:
+            raise _Refused(400, "invalid_request", TOO_DEEP) from None
 
 
 def bound_idempotency_key(envelope: dict[str, Any], key: str) -> str:

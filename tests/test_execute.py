@@ -124,6 +124,25 @@ def test_lone_surrogates_and_deep_nesting_the_runner_ignores_pass_unchanged(gate
     assert sent["context"]["extra"] == "\ud800"
 
 
+def test_a_body_nested_to_the_parsers_limit_is_a_400_never_a_500(gateway: Gateway) -> None:
+    # Nested one level short of what json.loads takes, the body parsed; writing it again
+    # (orjson stops at 255 levels, the standard library needs a frame more than the parse)
+    # raised RecursionError: a 500 and a traceback per request.
+    def post(depth: int, key: bool) -> int:
+        body = json.dumps(envelope())[:-1] + ', "ignored": ' + "[" * depth + "]" * depth + "}"
+        headers = {"X-Idempotency-Key": "retry-1"} if key else {}
+        return gateway.execute(body.encode(), headers=headers).status_code
+
+    low, high = 300, 100_000  # parses at 300; not at 100 000: find the first depth that does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if post(middle, key=False) != 400 else (low, middle)
+    depths = range(max(300, high - 12), high)
+    statuses = {(depth, key): post(depth, key) for depth in depths for key in (True, False)}
+    assert 500 not in statuses.values(), statuses
+    assert set(statuses.values()) <= {200, 400, 502}, statuses
+
+
 @pytest.mark.parametrize("where", ["http", "top", "nested"])
 def test_a_lone_surrogate_in_any_key_is_a_400(gateway: Gateway, where: str) -> None:
     # The runner's parser reads every key as text, an ignored one too: a 422 it would answer
