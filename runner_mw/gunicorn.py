@@ -123,6 +123,10 @@ def _raise_timeouts(server: Any, config: Config) -> None:
         server.cfg.set("graceful_timeout", needed)
 
 
+class _StartFailed(Exception):
+    """The first config's backend cannot be built; the text is redacted."""
+
+
 # --------------------------------------------------------------------------- hooks
 
 
@@ -146,6 +150,8 @@ def on_starting(server: Any) -> None:
         # gunicorn prints a RuntimeError as "Error: <message>" and exits with status 1.
         if isinstance(exc, ConfigError):
             raise RuntimeError(f"runner_mw: {path}: invalid configuration, not starting:\n{exc}") from None
+        if isinstance(exc, _StartFailed):
+            raise RuntimeError(f"runner_mw: {path}: cannot start: {exc}") from None
         if isinstance(exc, Exception):
             raise RuntimeError(f"runner_mw: {path}: cannot start: {type(exc).__name__}: {exc}") from exc
         raise
@@ -246,7 +252,11 @@ class _Master:
 
     def first_load(self) -> None:
         config = load_config(self.path)
-        self._trial_build(config)
+        try:
+            self._trial_build(config)
+        except Exception as exc:
+            # A plugin's text may quote a secret of the file: redacted, as in a failed reload.
+            raise _StartFailed(redacted(f"{type(exc).__name__}: {exc}", config)) from None
         self._publish(config, 1, ok=True, error=None)
         self.server.log.info("runner_mw reload result=ok generation=1 backend=%s sha256=%s source=%s "
                              "(first start; HUP re-reads it, workers kept)",
@@ -503,8 +513,8 @@ class _Poller:
                     raise
                 self._log().exception("runner_mw: cannot rebuild generation %d", state["generation"])
                 state = {**self.state, "seq": state["seq"], "ok": False, "at": time.time(),
-                         "error": f"worker {os.getpid()} could not rebuild generation "
-                                  f"{state['generation']}: {exc}"}
+                         "error": redacted(f"worker {os.getpid()} could not rebuild generation "
+                                           f"{state['generation']}: {exc}", self.config)}
                 config = self.config
         seen_before = self.state is not None  # else a booting worker takes over the master's word
         self.state, self.config = state, config

@@ -56,7 +56,8 @@ class RunnerMiddleware:
         reload_signal: install a SIGHUP handler that reloads the file (main thread only).
 
     Raises ``runner_mw.ConfigError`` when the first config is invalid: a server must not
-    start with a broken file (later reloads keep the last good one instead).
+    start with a broken file (later reloads keep the last good one instead); ``RuntimeError``
+    when its backend cannot be built (a plugin's text, redacted; the traceback is logged).
     """
 
     def __init__(

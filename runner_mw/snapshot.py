@@ -117,7 +117,15 @@ class SnapshotStore:
         # Reentrant: a host's own SIGHUP handler calling reload() runs on the main thread,
         # also while that thread sleeps in a reload's settle wait.
         self._reloading = threading.RLock()
-        self.current = Snapshot(config, build(config.active), 1)
+        try:
+            backend = build(config.active)
+        except Exception as exc:
+            # A plugin's text may quote a secret of the file (a login refused for a token):
+            # the traceback goes to the redacting log, the exception carries redacted text.
+            log.exception("cannot build backend %r", config.backend)
+            raise RuntimeError(redacted(f"cannot build backend {config.backend!r}: "
+                                        f"{type(exc).__name__}: {exc}", config)) from None
+        self.current = Snapshot(config, backend, 1)
         self.last_reload = ReloadOutcome(ok=True, at=self.current.loaded_at, generation=1)
         _warn(config)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,3 +162,29 @@ def test_a_plugins_exception_in_a_reload_never_quotes_a_secret(
     assert published["ok"] is False and "RuntimeError: login refused for token" in published["error"]
     assert token not in published["error"] and token not in caplog.text
     assert "reload result=failed" in caplog.text
+
+
+@pytest.mark.usefixtures("plugins")
+def test_a_plugins_exception_at_the_first_start_never_quotes_a_secret(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redacted in a failed reload, the same text went out whole at the first start: gunicorn's
+    # "Error: ... cannot start: RuntimeError: login refused for token <token>" (the journal),
+    # and RunnerMiddleware's exception and traceback in a single process.
+    from runner_mw import RunnerMiddleware, gunicorn
+
+    token = "s3cret-service-token-0123456789"
+    file = tmp_path / "runner.yaml"
+    file.write_text(config("leaky") + f"upstream:\n  service_token: {token}\n")
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(gunicorn.CONFIG_ENV, str(file))
+    server = SimpleNamespace(log=logging.getLogger("test.master"), pidfile=None,
+                             cfg=SimpleNamespace(uid=None, gid=None))
+    with pytest.raises(RuntimeError) as master:
+        gunicorn.on_starting(server)
+    with pytest.raises(RuntimeError) as single:
+        RunnerMiddleware(lambda environ, start_response: [], str(file), reload_signal=False)
+    for info in (master, single):
+        text = "".join(traceback.format_exception(info.value))
+        assert "login refused for token" in text and token not in text
+        assert "cannot start" in text or "cannot build backend 'p'" in text
+    assert token not in caplog.text and "login refused for token" in caplog.text
