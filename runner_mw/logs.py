@@ -78,6 +78,21 @@ def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any
     return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
 
 
+#: The shortest piece of a secret that ``Redactor.names_a_secret`` looks for.
+PIECE = 16
+
+
+def _shares_piece(text: str, secrets: str) -> bool:
+    """Whether ``text`` (one line) and ``secrets`` have ``PIECE`` characters in a row in common."""
+    # A common piece of 16 holds one of the text's 8-character pieces that start at a
+    # multiple of 8: len(text) / 8 searches, not one per position, find the candidates.
+    half = PIECE // 2
+    for start in range(0, len(text) - half + 1, half):
+        if text[start:start + half] in secrets:
+            return any(text[i:i + PIECE] in secrets for i in range(len(text) - PIECE + 1))
+    return False
+
+
 def _mask(text: str, secrets: tuple[str, ...]) -> str:
     """``text`` with every occurrence of every secret replaced by ``***``; where two overlap
     (neither inside the other) the union of them goes, so no part of either is left."""
@@ -133,13 +148,15 @@ class Redactor(logging.Filter):
         return _SHAPES.sub(_hide, text)
 
     def names_a_secret(self, text: str) -> bool:
-        """Whether ``text`` holds a known secret or a credential of this request, or is a
-        piece of one, counting only those of 16 characters or more (a client's request id
-        must not carry its bearer token; a UUID that is also a tracking cookie may pass)."""
-        for secret in (*_secrets_of(*_request_credentials.get()), *self._secrets):
-            if len(secret) >= 16 and (secret in text or (len(text) >= 16 and text in secret)):
-                return True
-        return False
+        """Whether ``text`` and a known secret or a credential of this request have a piece
+        of ``PIECE`` characters in common (a client's request id must not carry its bearer
+        token, whole or most of it; a short word that is also in a cookie may pass)."""
+        if len(text) < PIECE:
+            return False
+        # The raw header values stand for their parts (a piece of a cookie's value is a piece
+        # of the header); a line break between secrets keeps a piece from spanning two.
+        credentials = (value for value in _request_credentials.get() if isinstance(value, str))
+        return _shares_piece(text, "\n".join((*credentials, *self._secrets)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_runner_mw_redacted", False):

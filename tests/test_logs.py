@@ -155,10 +155,24 @@ def test_overlapping_secrets_are_masked_as_one() -> None:
     ("0f8fad5b-d9cb-469f-a165-70867728950e", "ajs_anonymous_id=0f8fad5b-d9cb-469f-a165-70867728950e", True),
     ("req-20261127-0001", "consent=true; year=2026", False),  # short values inside an id
     ("sessionid", "csrftoken=abc; sessionid=def", False),
+    # A 16-character piece in common, though neither holds the other whole.
+    ("Zq8v3Lr2Wm9Xc4Np-r1", "sid=tok-Zq8v3Lr2Wm9Xc4Np", True),
+    ("req-k3Lr2Wm9Xc4Np7f0", "sid=k3Lr2Wm9Xc4Np7f0a", True),
+    ("req-k3Lr2Wm9Xc4Np7f", "sid=k3Lr2Wm9Xc4Np7f0a", False),  # 15 in common
 ])
 def test_a_request_id_names_a_secret_only_for_long_ones(rid: str, cookie: str, named: bool) -> None:
     bind_request({"HTTP_COOKIE": cookie})
     assert REDACTOR.names_a_secret(rid) is named
+
+
+def test_a_shared_piece_is_found_wherever_it_starts() -> None:
+    from runner_mw.logs import PIECE, _shares_piece
+
+    secret = "0123456789abcdefghijklmnopqrstuv"
+    for start in range(len(secret) - PIECE + 1):
+        piece = secret[start:start + PIECE]
+        assert _shares_piece(f"id-{piece}-x", secret), start
+        assert not _shares_piece(f"id-{piece[:-1]}-x", secret), start
 
 
 def test_bound_request_credentials_are_redacted(captured: io.StringIO) -> None:

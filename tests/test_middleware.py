@@ -151,15 +151,16 @@ def test_a_request_id_that_is_a_credential_is_replaced(caplog: pytest.LogCapture
                          upstream={"service_token": SERVICE_TOKEN}) as gw:
         bearer = {"Authorization": f"Bearer {ACCESS_TOKEN}"}
         for rid, headers in ((ACCESS_TOKEN, bearer), (f"x-{SERVICE_TOKEN}", bearer),
-                             ("sid-value-0123456789", {**bearer, "Cookie": "sid=sid-value-0123456789"})):
+                             ("sid-value-0123456789", {**bearer, "Cookie": "sid=sid-value-0123456789"}),
+                             (f"{SERVICE_TOKEN[4:]}.1", bearer), (f"req-{ACCESS_TOKEN[:-2]}", bearer)):
             resp = gw.execute(headers={**headers, "X-Request-Id": rid})
             assert HEX32.fullmatch(resp.headers["X-Request-Id"]), resp.headers["X-Request-Id"]
         sent = [r.headers["x-request-id"] for r in gw.runner.received]
-        assert len(sent) == 3 and all(HEX32.fullmatch(rid) for rid in sent)
+        assert len(sent) == 5 and all(HEX32.fullmatch(rid) for rid in sent)
         ok = gw.execute(headers={"Authorization": f"Bearer {ACCESS_TOKEN}", "X-Request-Id": "plain-id-7"})
         assert ok.headers["X-Request-Id"] == "plain-id-7"
     text = caplog.text + "".join(r.getMessage() for r in caplog.records)
-    assert ACCESS_TOKEN not in text and SERVICE_TOKEN not in text
+    assert ACCESS_TOKEN[:-2] not in text and SERVICE_TOKEN[4:] not in text
 
 
 def test_each_request_gets_a_new_id(gateway: Gateway) -> None:
