@@ -86,7 +86,10 @@ def _read_pid_file(file: str) -> int:
     try:
         return _pid(text)
     except argparse.ArgumentTypeError:
-        raise ValueError(f"{file}: does not hold a process id ({text[:20]!r})") from None
+        # Its text is shown only when it looks like a number gone wrong: a file given by
+        # mistake (the secret file beside the pid file) must not be printed to a terminal.
+        shown = f" ({text!r})" if len(text) <= 20 and text.lstrip("+-").isdigit() else ""
+        raise ValueError(f"{file}: does not hold a process id{shown}") from None
 
 
 def _fail(message: str) -> int:
