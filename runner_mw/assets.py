@@ -194,8 +194,16 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
     or to a path from the root (which the browser would resolve on the host app's origin),
     or a relative one that climbs with dot segments, is dropped (None): the runner's address
     stays internal, and the runner cannot send a browser to the host app's pages. A relative
-    path (it stays below the asset's folder) and another origin's URL pass as sent."""
-    if name.lower() != "location":
+    path (it stays below the asset's folder) and another origin's URL pass as sent.
+    A ``Refresh`` that only reloads the page after a delay passes; one naming a target is
+    dropped (None): the runner's address or the host's pages, like a Location."""
+    low = name.lower()
+    if low == "refresh":
+        if _DELAY.fullmatch(value):
+            return name, value
+        log.info("runner_mw: a runner Refresh naming a target was dropped")
+        return None
+    if low != "location":
         return name, value
     path, on_runner = value, False
     for origin in origins:
@@ -214,6 +222,7 @@ def _relocate(name: str, value: str, environ: dict[str, Any], prefixes: tuple[st
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_DELAY = re.compile(r"\s*[0-9.]+\s*")
 
 
 def _asset_path(path: str, prefixes: tuple[str, ...]) -> bool:

@@ -72,7 +72,7 @@ def _pid(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value <= 0:
+    if not 0 < value < 2**31:  # beyond a C int: os.kill would raise OverflowError
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
     return value
 

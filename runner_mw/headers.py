@@ -38,12 +38,12 @@ EXECUTE_REQUEST_ALLOW = frozenset({
 # never reach a browser either.
 # And headers that act on the whole origin, not on this one response: on the host app's origin
 # a runner could wipe the app's cookies and storage (Clear-Site-Data, honoured even from a
-# sandboxed frame), pin HSTS or alternative services, widen a service worker's scope, collect
-# the origin's error reports, or send the page to its own address (Refresh, where a Location
-# would be dropped or rewritten).
+# sandboxed frame), pin HSTS or alternative services, widen a service worker's scope, or
+# collect the origin's error reports. (A Refresh that names a target is a redirect: see
+# ``assets._relocate``.)
 ORIGIN_WIDE = frozenset({
     "clear-site-data", "strict-transport-security", "alt-svc", "service-worker-allowed",
-    "nel", "report-to", "reporting-endpoints", "refresh", "origin-agent-cluster",
+    "nel", "report-to", "reporting-endpoints", "origin-agent-cluster",
     "accept-ch", "critical-ch", "set-login", "public-key-pins", "public-key-pins-report-only",
     "expect-ct",
 })
@@ -123,7 +123,7 @@ _RESPONSE_KINDS: dict[str, int] = {}
 def _response_kind(name: str) -> int:
     low = name.lower()
     kind = (_CONNECTION if low == "connection" else _DROP if low in _RESPONSE_DROP
-            else _LOCATION if low == "location" else _PASS)
+            else _LOCATION if low in ("location", "refresh") else _PASS)
     if len(_RESPONSE_KINDS) < 1024:
         _RESPONSE_KINDS[name] = kind
     return kind
@@ -132,7 +132,7 @@ def _response_kind(name: str) -> int:
 def response_headers(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
     """The runner's response headers minus Connection-listed, hop-by-hop, cookies and
     the ones the server or the gateway sets itself (order and duplicates kept), and whether
-    a ``Location`` may be among them (False: certainly none, nothing to rewrite)."""
+    a ``Location`` or ``Refresh`` may be among them (False: certainly none, nothing to rewrite)."""
     out: list[tuple[str, str]] = []
     named: set[str] = set()
     location = False

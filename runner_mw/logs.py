@@ -83,7 +83,8 @@ PIECE = 16
 
 
 def _shares_piece(text: str, secrets: str) -> bool:
-    """Whether ``text`` (one line) and ``secrets`` have ``PIECE`` characters in a row in common."""
+    """Whether ``text`` (one line) and ``secrets`` have ``PIECE`` characters in a row in common.
+    Worst case len(text) searches of ``secrets``: keep it short (not a client's header)."""
     # A common piece of 16 holds one of the text's 8-character pieces that start at a
     # multiple of 8: len(text) / 8 searches, not one per position, find the candidates.
     half = PIECE // 2
@@ -130,6 +131,7 @@ class Redactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._secrets: tuple[str, ...] = ()
+        self._joined = ""
         self._lock = threading.Lock()
 
     def remember(self, secrets: set[str]) -> None:
@@ -137,6 +139,7 @@ class Redactor(logging.Filter):
             # Keep old ones too: a log line about the previous config may still come.
             known = set(self._secrets) | {s for s in secrets if s and len(s) >= 4}
             self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
+            self._joined = "\n".join(self._secrets)  # a line break: no piece spans two
 
     def redact(self, text: str) -> str:
         text = _mask(text, (*_secrets_of(*_request_credentials.get()), *self._secrets))
@@ -148,15 +151,18 @@ class Redactor(logging.Filter):
         return _SHAPES.sub(_hide, text)
 
     def names_a_secret(self, text: str) -> bool:
-        """Whether ``text`` and a known secret or a credential of this request have a piece
-        of ``PIECE`` characters in common (a client's request id must not carry its bearer
-        token, whole or most of it; a short word that is also in a cookie may pass)."""
+        """Whether ``text`` (one line) holds a credential of this request or is a piece of
+        one, or has a piece of ``PIECE`` characters in common with a known secret, counting
+        only secrets of ``PIECE`` characters or more (a client's request id must not carry
+        the service token, whole or most of it; a UUID that is also a tracking cookie may pass)."""
         if len(text) < PIECE:
             return False
-        # The raw header values stand for their parts (a piece of a cookie's value is a piece
-        # of the header); a line break between secrets keeps a piece from spanning two.
-        credentials = (value for value in _request_credentials.get() if isinstance(value, str))
-        return _shares_piece(text, "\n".join((*credentials, *self._secrets)))
+        for secret in _secrets_of(*_request_credentials.get()):
+            # The client's own (its headers are as long as it likes): held, or a piece of one.
+            if len(secret) >= PIECE and (secret in text or text in secret):
+                return True
+        # The config's (short, and not the client's to choose): any common piece of PIECE.
+        return _shares_piece(text, self._joined)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_runner_mw_redacted", False):

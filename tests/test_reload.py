@@ -464,6 +464,9 @@ def test_reload_cli_reports_a_dead_pid(tmp_path: Path, good_file: Path,
     junk.write_text("-1\n", encoding="utf-8")
     assert cli_main(["reload", "--pid-file", str(junk), "--config", str(good_file)]) == 1
     assert "does not hold a process id ('-1')" in capsys.readouterr().err
+    junk.write_text("99999999999999999999\n", encoding="utf-8")  # os.kill: OverflowError
+    assert cli_main(["reload", "--pid-file", str(junk), "--config", str(good_file)]) == 1
+    assert "does not hold a process id" in capsys.readouterr().err
     secret = tmp_path / "token"  # the secret file beside the pid file, given by mistake
     secret.write_text("tok-Zq8v3Lr2Wm9Xc4Np7f0a\n", encoding="utf-8")
     assert cli_main(["reload", "--pid-file", str(secret), "--config", str(good_file)]) == 1
