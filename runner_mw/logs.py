@@ -78,6 +78,9 @@ def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any
     return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
 
 
+#: How many configs' secrets ``Redactor.remember`` keeps (the current one included).
+KEEP_CONFIGS = 4
+
 #: The shortest piece of a secret that ``Redactor.names_a_secret`` looks for.
 PIECE = 16
 
@@ -132,12 +135,18 @@ class Redactor(logging.Filter):
         super().__init__()
         self._secrets: tuple[str, ...] = ()
         self._joined = ""
+        self._history: collections.deque[frozenset[str]] = collections.deque(maxlen=KEEP_CONFIGS)
         self._lock = threading.Lock()
 
     def remember(self, secrets: set[str]) -> None:
+        """Redact these (a config's) from now on, with those of the last ``KEEP_CONFIGS``
+        configs: a line about the previous config may still come, but a secret rotated
+        hourly must not make every line and request id cost more for the worker's life."""
         with self._lock:
-            # Keep old ones too: a log line about the previous config may still come.
-            known = set(self._secrets) | {s for s in secrets if s and len(s) >= 4}
+            fresh = frozenset(s for s in secrets if s and len(s) >= 4)
+            if not self._history or self._history[-1] != fresh:
+                self._history.append(fresh)
+            known = set().union(*self._history)
             self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
             self._joined = "\n".join(self._secrets)  # a line break: no piece spans two
 

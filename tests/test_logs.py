@@ -128,6 +128,22 @@ def test_old_secrets_stay_redacted_after_a_reload(captured: io.StringIO) -> None
     assert not leaked_in(captured.getvalue())
 
 
+def test_secrets_of_old_configs_are_forgotten_after_a_few_reloads() -> None:
+    # Each reload added its secrets for good: a token rotated hourly made every request id
+    # check and every log line cost more for the worker's life (292 us a request after 1 000).
+    from runner_mw.logs import KEEP_CONFIGS, Redactor
+
+    redactor = Redactor()
+    rotated = [f"rotated-token-{n:04d}-abcdefgh" for n in range(1000)]
+    for token in rotated:
+        redactor.remember({token, "kept-service-token-0123"})
+    assert len(redactor._secrets) == KEEP_CONFIGS + 1
+    assert redactor.redact(f"{rotated[-1]} {rotated[-KEEP_CONFIGS]}") == "*** ***"
+    assert redactor.redact(rotated[0]) == rotated[0]  # long rotated out
+    redactor.remember({"kept-service-token-0123", rotated[-1]})  # the same config again
+    assert redactor.redact(rotated[-KEEP_CONFIGS]) == "***"
+
+
 def test_other_runner_mw_loggers_are_redacted_too(captured: io.StringIO) -> None:
     child = logging.getLogger("runner_mw.backends.plugin")  # not one of logs.LOGGERS
     setup_logging(configured())  # the next config (a reload) covers loggers made since
