@@ -45,6 +45,7 @@ class Snapshot:
         self._inflight = 0
         self._retired = False
         self._closed = False
+        self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
 
     def enter(self) -> None:
@@ -73,6 +74,10 @@ class Snapshot:
             return
         timer = threading.Timer(grace_s, self._close)
         timer.daemon = True
+        with self._lock:
+            if self._closed:  # its last request left meanwhile
+                return
+            self._timer = timer
         timer.start()
 
     def _close(self) -> None:
@@ -80,6 +85,11 @@ class Snapshot:
             if self._closed:
                 return
             self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            # Closed by its last request: the timer's thread (and this snapshot, which it
+            # holds) need not sleep out the grace. Reloads in a row would pile them up.
+            timer.cancel()
         try:
             self.backend.close()
         except Exception:  # closing must never take a worker down

@@ -329,6 +329,24 @@ def test_an_idle_old_backend_closes_at_once(builds: Builds) -> None:
     assert builds.made[0].closed == 1
 
 
+def test_a_snapshot_closed_by_its_last_request_leaves_no_timer_sleeping(builds: Builds) -> None:
+    # One Timer thread per reload that overlapped a request slept out the whole grace (37 s
+    # with the shipped timeouts), holding its snapshot: 107 threads in a worker at 3 HUP/s.
+    def timers() -> int:
+        return sum(isinstance(thread, threading.Timer) for thread in threading.enumerate())
+
+    before = timers()
+    snaps = [Snapshot(config(), builds(config().active), n) for n in range(50)]
+    for snap in snaps:
+        snap.enter()
+        snap.retire(60.0)
+    assert timers() == before + 50
+    for snap in snaps:
+        snap.leave()
+    wait_until(lambda: timers() <= before)
+    assert all(snap._closed for snap in snaps)
+
+
 def test_retire_closes_after_the_grace_period_even_with_a_request_stuck(builds: Builds) -> None:
     snap = Snapshot(config(), FakeBackend(None), 1)
     backend = snap.backend
