@@ -531,8 +531,8 @@ class _Poller:
                 self._apply(middleware, count=False)
 
     def _apply(self, mw: Any, *, count: bool) -> None:
-        """Bring ``mw`` to the published state; ``count``: a failed attempt this worker saw
-        happen (a worker booting after it, or a middleware made later, did not)."""
+        """Bring ``mw`` to the published state; ``count``: a reload this worker saw happen
+        (a worker booting after it, or a middleware made later, did not)."""
         state, config = self.state, self.config
         store = getattr(mw, "store", None)
         if state is None or config is None or store is None or not _same_file(store.path, state["source"]):
@@ -541,7 +541,7 @@ class _Poller:
             current = store.current
             behind = (current.config.sha256, current.generation) != (config.sha256, state["generation"])
             if behind or (state["ok"] and not store.last_reload.ok):  # the latter clears an error
-                store.apply(config, generation=state["generation"], at=state["at"])
+                store.apply(config, generation=state["generation"], at=state["at"], count=count)
             if not state["ok"]:
                 store.mark_failed(state["error"], at=state["at"], count=count)
         except Exception:

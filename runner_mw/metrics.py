@@ -344,10 +344,13 @@ def flush() -> None:
 atexit.register(flush)  # a worker that exits cleanly loses nothing
 
 
-def reloaded(ok: bool, generation: int) -> None:
+def reloaded(ok: bool, generation: int, *, count: bool = True) -> None:
+    """A reload attempt's outcome; ``count=False`` sets the generation only (a worker that
+    takes over at boot a config swapped before it existed: no attempt of its own)."""
     m = metrics()
     if m is not None:
-        _safely(m.reloads.labels("ok" if ok else "failed").inc)
+        if count:
+            _safely(m.reloads.labels("ok" if ok else "failed").inc)
         if ok:
             _safely(m.generation.set, generation)
 

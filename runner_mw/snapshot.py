@@ -154,13 +154,15 @@ class SnapshotStore:
             return self.apply(config)
 
     def apply(self, config: Config, generation: int | None = None, *,
-              at: float | None = None) -> ReloadOutcome:
+              at: float | None = None, count: bool = True) -> ReloadOutcome:
         """Swap to ``config`` (a no-op when its source is unchanged).
 
         ``generation`` is the number a gunicorn master gave this config, ``at`` when it did
         (every worker then reports the same time). The same source under a newer number (a
         worker booting from the master's state, or A -> B -> A seen only as A) keeps the
-        snapshot and its backend and only takes the new number.
+        snapshot and its backend and only takes the new number. ``count=False``: a worker
+        catching up at boot (``preload_app`` forks it on the master's first config), not
+        a reload it saw happen: not counted, logged at debug level.
         """
         with self._lock:
             old = self.current
@@ -189,9 +191,9 @@ class SnapshotStore:
             self.last_reload = outcome
         grace = (old.config.active.timeouts.connect_ms + old.config.active.timeouts.read_ms) / 1000 + 5
         old.retire(grace)
-        metrics.reloaded(True, new_gen)
-        log.info("reload result=ok generation=%d backend=%s changed=%s", new_gen, config.backend,
-                 ",".join(changed) or "-")
+        metrics.reloaded(True, new_gen, count=count)
+        log.log(logging.INFO if count else logging.DEBUG, "reload result=ok generation=%d backend=%s "
+                "changed=%s", new_gen, config.backend, ",".join(changed) or "-")
         _warn(config)
         return outcome
 

@@ -454,9 +454,9 @@ def test_workers_recycled_while_the_file_is_broken_boot_from_the_last_good_confi
                            "generation 3")
 
 
-def _failed_reloads(server: Gunicorn) -> float:
+def _reloads(server: Gunicorn, result: str) -> float:
     with requests.get(server.base + "/runner/-/metrics", headers=CLOSE, timeout=10) as resp:
-        found = re.search(r'^runner_mw_reloads_total\{result="failed"\} (\S+)$', resp.text, re.M)
+        found = re.search(rf'^runner_mw_reloads_total\{{result="{result}"\}} (\S+)$', resp.text, re.M)
     return float(found[1]) if found else 0.0
 
 
@@ -468,13 +468,29 @@ def test_a_worker_booting_after_a_failed_reload_takes_it_over_without_counting_i
         docs = server.all_workers(lambda d: d["last_reload"]["ok"] is False, "the failure")
         assert len({d["last_reload"]["at"] for d in docs.values()}) == 1  # the master's time, in each
         (at,) = {d["last_reload"]["at"] for d in docs.values()}
-        wait_until(lambda: _failed_reloads(server) == 2, what="one attempt counted by each worker")
+        wait_until(lambda: _reloads(server, "failed") == 2, what="one attempt counted by each worker")
         gone = min(docs)
         os.kill(gone, signal.SIGKILL)
         new = server.all_workers(lambda d: d["pid"] != gone and d["last_reload"]["ok"] is False,
                                  "a new worker reporting the failure")
         assert all(d["last_reload"]["at"] == at for d in new.values())
-        assert _failed_reloads(server) == 2  # the new worker did not see an attempt happen
+        assert _reloads(server, "failed") == 2  # the new worker did not see an attempt happen
+
+
+def test_a_preloaded_worker_booting_after_a_reload_does_not_count_it_again(
+        tmp_path: Path, config_file: Path, runners: tuple[StandinRunner, StandinRunner]) -> None:
+    # With preload_app a new worker is forked on the master's first config and catches up at
+    # boot: each recycled worker counted (and logged) one more successful reload.
+    with gunicorn(tmp_path, config_file, preload=True) as server:
+        server.ready()
+        config_file.write_text(config_text(runners[1]), encoding="utf-8")
+        server.hup()
+        docs = server.all_workers(lambda d: d["backend"] == "b" and d["generation"] == 2, "generation 2")
+        wait_until(lambda: _reloads(server, "ok") == 2, what="one swap counted by each worker")
+        gone = min(docs)
+        os.kill(gone, signal.SIGKILL)
+        server.all_workers(lambda d: d["pid"] != gone and d["backend"] == "b", "a new worker on b")
+        assert _reloads(server, "ok") == 2
 
 
 def test_a_ca_bundle_broken_after_the_start_does_not_stop_a_worker_from_booting(
@@ -615,13 +631,13 @@ def test_a_state_folder_removed_by_a_tmp_cleaner_is_published_again(
         assert not log_lines(server, "the attempt itself failed")
         # Published again after that (a worker died): the same outcome, not a new failure.
         (at,) = {d["last_reload"]["at"] for d in docs.values()}
-        wait_until(lambda: _failed_reloads(server) == 2, what="one failed attempt counted by each worker")
+        wait_until(lambda: _reloads(server, "failed") == 2, what="one failed attempt counted by each worker")
         (state_dir / "state.json").unlink()
         gone = min(docs)
         os.kill(gone, signal.SIGKILL)
         new = server.all_workers(lambda d: d["pid"] != gone, "a new worker")
         assert all(d["last_reload"]["at"] == at and not d["last_reload"]["ok"] for d in new.values())
-        assert _failed_reloads(server) == 2
+        assert _reloads(server, "failed") == 2
         # ... and the fixed file is generation 2 everywhere, metrics counted in the folder again.
         config_file.write_text(config_text(runners[1]), encoding="utf-8")
         server.hup()
