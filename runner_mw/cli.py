@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from runner_mw.access import config_warnings
+from runner_mw.backends.registry import trial_build
 from runner_mw.config import Config, redacted
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
@@ -46,6 +47,7 @@ def summary(config: Config) -> dict[str, Any]:
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        trial_build(config)  # as the gunicorn master will, before it takes the file
     except ConfigError as exc:
         if args.json:
             print(json.dumps({"ok": False, "errors": [i.as_dict() for i in exc.issues],

@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import Any
 
+from runner_mw.backends.registry import trial_build
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
 
@@ -46,6 +47,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     try:
         config = load_config(path, settle=True)  # as the server will read it
+        trial_build(config)  # and check it
     except ConfigError as exc:
         _fail(f"{path}: invalid configuration, no signal sent")
         print(str(exc), file=sys.stderr)

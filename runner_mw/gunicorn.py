@@ -52,6 +52,7 @@ import time
 from typing import Any
 
 from runner_mw import metrics
+from runner_mw.backends.registry import trial_build
 from runner_mw.config import Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import config_dir, config_from_mapping, load_config
@@ -123,10 +124,6 @@ def _raise_timeouts(server: Any, config: Config) -> None:
         server.cfg.set("graceful_timeout", needed)
 
 
-class _StartFailed(Exception):
-    """The first config's backend cannot be built; the text is redacted."""
-
-
 # --------------------------------------------------------------------------- hooks
 
 
@@ -150,8 +147,6 @@ def on_starting(server: Any) -> None:
         # gunicorn prints a RuntimeError as "Error: <message>" and exits with status 1.
         if isinstance(exc, ConfigError):
             raise RuntimeError(f"runner_mw: {path}: invalid configuration, not starting:\n{exc}") from None
-        if isinstance(exc, _StartFailed):
-            raise RuntimeError(f"runner_mw: {path}: cannot start: {exc}") from None
         if isinstance(exc, Exception):
             raise RuntimeError(f"runner_mw: {path}: cannot start: {type(exc).__name__}: {exc}") from exc
         raise
@@ -252,11 +247,7 @@ class _Master:
 
     def first_load(self) -> None:
         config = load_config(self.path)
-        try:
-            self._trial_build(config)
-        except Exception as exc:
-            # A plugin's text may quote a secret of the file: redacted, as in a failed reload.
-            raise _StartFailed(redacted(f"{type(exc).__name__}: {exc}", config)) from None
+        trial_build(config)
         self._publish(config, 1, ok=True, error=None)
         self.server.log.info("runner_mw reload result=ok generation=1 backend=%s sha256=%s source=%s "
                              "(first start; HUP re-reads it, workers kept)",
@@ -281,7 +272,7 @@ class _Master:
         config = None
         try:
             config = load_config(self.path, settle=True)
-            self._trial_build(config)
+            trial_build(config)
         except Exception as exc:
             # ConfigError says FILE:LINE: key: problem; anything else is still only a failed attempt,
             # whose text (a plugin's exception) may quote a secret: it goes to the journal and status.
@@ -323,13 +314,6 @@ class _Master:
         # Byte for byte (same seq and time): a worker that read it already sees nothing new,
         # and a failed attempt is not counted again.
         self._write(self.text)
-
-    def _trial_build(self, config: Config) -> None:
-        # Catch what only building the backend finds; connection pools are made lazily,
-        # so nothing is opened here (and nothing is shared with the workers).
-        from runner_mw.backends.registry import build_backend
-
-        build_backend(config.active).close()
 
     def _publish(self, good: Config, generation: int, *, ok: bool, error: str | None) -> None:
         """Write one outcome for the workers; what the master remembers changes only once written."""

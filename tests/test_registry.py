@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +35,10 @@ PLUGINS = {
              f"        return {GOOD_SCHEMA.replace('KIND', 'leaky')}\n"
              "    def __init__(self, settings):\n"
              "        raise RuntimeError(f'login refused for token {settings.service_token}')\n",
+    "closeraises": "class Backend(HTTPBackend):\n    @classmethod\n    def settings_schema(cls):\n"
+                   f"        return {GOOD_SCHEMA.replace('KIND', 'closeraises')}\n"
+                   "    def close(self):\n"
+                   "        raise RuntimeError('close failed: never used')\n",
     "unimportable": "import no_such_module_anywhere\n",
     "notabackend": "class Backend:\n    pass\n",
 }
@@ -186,5 +192,53 @@ def test_a_plugins_exception_at_the_first_start_never_quotes_a_secret(
     for info in (master, single):
         text = "".join(traceback.format_exception(info.value))
         assert "login refused for token" in text and token not in text
-        assert "cannot start" in text or "cannot build backend 'p'" in text
+        assert "the backend cannot be built" in text or "cannot build backend 'p'" in text
     assert token not in caplog.text and "login refused for token" in caplog.text
+
+
+@pytest.mark.usefixtures("plugins")
+def test_check_and_reload_build_the_backend_as_the_master_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # check said ok and reload sent the HUP for a file whose backend's constructor fails;
+    # the master then refused it. Now all three agree, and none quotes the secret.
+    token = "s3cret-service-token-0123456789"
+    file = tmp_path / "runner.yaml"
+    file.write_text(config("leaky") + f"upstream:\n  service_token: {token}\n")
+    assert main(["check", str(file)]) == 1
+    assert main(["check", "--json", str(file)]) == 1
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert main(["reload", "--pid", str(target.pid), "--config", str(file)]) == 1
+        assert target.poll() is None  # no HUP (it would have ended the sleeper)
+    finally:
+        target.kill()
+        target.wait()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("backends.p: the backend cannot be built: RuntimeError: login refused for token") == 2
+    assert '"path": "backends.p"' in out.out and "no signal sent" in out.err
+    assert token not in text
+
+
+@pytest.mark.usefixtures("plugins")
+def test_a_close_that_raises_on_an_unused_backend_does_not_refuse_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The master built and closed a trial instance and took close()'s exception for a bad
+    # file: refused at the first start and on HUP, while a single process took it.
+    from runner_mw import loader
+    from runner_mw.gunicorn import _Master
+
+    monkeypatch.setattr(loader, "SETTLE_S", 0.0)
+    file = tmp_path / "runner.yaml"
+    file.write_text(config("closeraises"))
+    state = tmp_path / "state"
+    state.mkdir()
+    server = SimpleNamespace(log=logging.getLogger("test.master"), cfg=SimpleNamespace(uid=None, gid=None))
+    master = _Master(server, str(file), str(state / "state.json"), None)
+    master.first_load()
+    file.write_text(config("closeraises") + "upstream:\n  service_token: another-one-0123\n")
+    master.reload()
+    published = json.loads((state / "state.json").read_text())
+    assert published["ok"] is True and published["generation"] == 2
+    assert main(["check", str(file)]) == 0
+    assert "close() of an unused instance raised RuntimeError" in caplog.text

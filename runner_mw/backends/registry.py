@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from runner_mw.backends.base import RunnerBackend
-    from runner_mw.config import BackendSettings
+    from runner_mw.config import BackendSettings, Config
 
 log = logging.getLogger("runner_mw")
 ENTRY_POINT_GROUP = "runner_mw.backends"
@@ -77,3 +77,26 @@ def build_backend(settings: BackendSettings) -> RunnerBackend:
     if cls is None:  # the loader refuses unknown kinds, so this is a programming error
         raise LookupError(f"unknown backend kind {settings.kind!r}")
     return cls(settings)
+
+
+def trial_build(config: Config) -> None:
+    """Build the active backend of a validated config and close it, to find what only its
+    constructor finds (a plugin's own checks) before anyone relies on the config: the
+    gunicorn master before it publishes a file, ``runner-mw check`` and ``reload``. Raises
+    ``ConfigError`` naming the entry, the constructor's text redacted (it may quote a
+    secret). Nothing is opened (pools open lazily); a ``close()`` that raises is a warning,
+    not a failure: close is for a backend that served, and the file is fine."""
+    from runner_mw.errors import ConfigError, ConfigIssue
+    from runner_mw.logs import redacted
+
+    try:
+        backend = build_backend(config.active)
+    except Exception as exc:
+        text = redacted(f"{type(exc).__name__}: {exc}", config)
+        raise ConfigError([ConfigIssue(config.source, None, f"backends.{config.backend}",
+                                       f"the backend cannot be built: {text}")]) from None
+    try:
+        backend.close()
+    except Exception as exc:
+        log.warning("runner_mw: backend %r: close() of an unused instance raised %s (ignored)",
+                    config.backend, type(exc).__name__)
