@@ -336,6 +336,62 @@ def test_a_get_on_a_connection_the_runner_dropped_is_sent_again_once_on_a_new_on
         assert (server.connections, len(server.heads)) == (2, 3)
 
 
+def _endless(prefix: bytes, unit: bytes, sent: list[int]) -> Callable[[socket.socket], None]:
+    def send(conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        try:
+            conn.sendall(head + prefix)
+            for _ in range(20_000):  # about 60 MB: far more than any bound; ends the test
+                conn.sendall(unit * 64)
+                sent[0] += len(unit) * 64
+        except OSError:
+            pass  # the gateway gave up: what is wanted
+    return send
+
+
+@pytest.mark.parametrize(("prefix", "unit"), [
+    (b"2\r\nhi\r\n0\r\n", b"X-Trailer: aaaaaaaaaaaaaaaaaaaaaaaa\r\n"),  # trailers without end
+    (b"2;", b"ext=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa;"),  # a chunk extension without end
+])
+def test_trailers_or_an_extension_without_end_are_cut(prefix: bytes, unit: bytes) -> None:
+    # Bytes kept coming, so read_s never fired: gigabytes read for a 2-byte body, a thread,
+    # a pool slot and a core held for as long as the runner liked.
+    sent = [0]
+    with Scripted([_endless(prefix, unit, sent)]) as server, pool_for(server) as pool:
+        data = wire.encode_request("GET", "/x", {"host": "h"}, None)
+        resp = wire.request(pool, "GET", data, read_s=5.0)
+        received = 0
+        with pytest.raises(BadGateway):
+            for piece in resp.stream():
+                received += len(piece)
+        resp.release()
+        assert received <= 2
+        wait_until(lambda: not any(t.is_alive() for t in server._threads), what="the runner to stop")
+        assert sent[0] < 16 << 20, sent  # cut after the bound (and what the kernel buffers), not at the end
+
+
+def test_one_byte_chunks_are_framing_enough() -> None:
+    body = b"".join(b"1\r\n" + bytes([65 + i % 26]) + b"\r\n" for i in range(50_000)) + b"0\r\n\r\n"
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    with Scripted([reply]) as server, pool_for(server) as pool:
+        assert len(get(pool)[2]) == 50_000
+
+
+def test_the_retry_goes_on_a_new_connection_not_another_idle_one() -> None:
+    # A runner restart drops every idle connection at once: the retry took the next idle
+    # one, dropped too, and the asset was a 502 while the runner was up.
+    with Scripted([OK, _close_without_reply], [OK, _close_without_reply], [OK]) as server, \
+            pool_for(server) as pool:
+        data = wire.encode_request("GET", "/x", {"host": "h"}, None)
+        held = wire.request(pool, "GET", data, read_s=2.0)  # two connections in use at once
+        assert get(pool)[2] == b"hi"
+        assert held.read_all(10) == b"hi"
+        held.release()
+        assert server.connections == 2
+        assert get(pool)[2] == b"hi"
+        assert server.connections == 3
+
+
 def test_a_post_on_a_connection_the_runner_dropped_is_never_sent_again() -> None:
     with Scripted([OK, _close_without_reply], [OK]) as server, pool_for(server) as pool:
         assert get(pool, "POST", body=b"{}")[2] == b"hi"

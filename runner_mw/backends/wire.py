@@ -38,6 +38,7 @@ from runner_mw.headers import has_ctl
 
 MAX_HEAD = 64 * 1024  # http.client's limit on one header line; here on the whole head
 MAX_HEADERS = 100  # http.client's limit too
+MAX_FRAMING = MAX_HEAD  # chunk framing and trailers beyond 8 bytes a body byte (see stream)
 _CR_LF = (b"\r", b"\n")
 CHUNK = 64 * 1024
 STREAM_CHUNK = 256 * 1024  # after the first piece: a quarter of the syscalls for a big asset
@@ -190,6 +191,13 @@ class Pool:
         if self._waiting:
             self._slot_free.notify()
 
+    def discard_idle(self) -> None:
+        """Close every idle connection (the busy ones are closed when they come back broken)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.sock.close()
+
     def put(self, conn: _Conn, reusable: bool) -> None:
         """Give a connection back (kept only if ``reusable``); frees its slot."""
         with self._lock:
@@ -254,8 +262,8 @@ class _Parse:
     own ``on_header`` value does.
     """
 
-    __slots__ = ("body", "buffer", "done", "framed", "head_bytes", "head_done", "head_start",
-                 "headers", "interim", "keep_alive", "parser", "status")
+    __slots__ = ("body", "body_bytes", "buffer", "done", "framed", "head_bytes", "head_done",
+                 "head_start", "headers", "interim", "keep_alive", "parser", "status")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
@@ -267,6 +275,7 @@ class _Parse:
         self.interim = False
         self.done = False
         self.body: list[bytes] = []
+        self.body_bytes = 0  # every body byte parsed so far (those handed out included)
         self.status = 0
         self.keep_alive = False
         self.framed = False  # Content-Length or chunked: an early EOF means a body cut short
@@ -323,6 +332,7 @@ class _Parse:
         if self.interim:  # cannot be (see on_headers_complete); refused, never read as the reply
             raise BadGateway("interim reply with a body")
         self.body.append(data)
+        self.body_bytes += len(data)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -381,6 +391,7 @@ class Response:
             return
         size = sum(len(p) for p in parse.body)
         target = CHUNK  # the first piece soon: the middleware waits for it before answering
+        received, before = 0, parse.body_bytes
         while not parse.done:
             if size >= target:
                 pieces, parse.body, size = parse.body, [], 0
@@ -395,6 +406,12 @@ class Response:
                 break
             parse.feed(data)
             size += len(data)  # an upper bound of the body bytes it held (chunk sizes aside)
+            received += len(data)
+            if received - (parse.body_bytes - before) > MAX_FRAMING + 8 * parse.body_bytes:
+                # Chunk sizes, extensions and trailers with no body to show for them: a runner
+                # sending trailers or an extension without end keeps bytes coming, so read_s
+                # never fires (one-byte chunks cost 5 bytes of framing a byte: allowed).
+                raise BadGateway("reply framing without a body")
         if parse.body:
             pieces, parse.body = parse.body, []
             yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -485,7 +502,10 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
             parse = _read_head(conn, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
                                head_only=method == "HEAD")
         except _Stale:
+            # The runner (or a proxy in front) dropped it while idle: it likely dropped the
+            # others idle beside it too (a restart). The retry goes on a new connection.
             pool.put(conn, False)
+            pool.discard_idle()
             continue
         except BaseException:
             pool.put(conn, False)
