@@ -377,6 +377,41 @@ def test_one_byte_chunks_are_framing_enough() -> None:
         assert len(get(pool)[2]) == 50_000
 
 
+TOO_LARGE = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class AnswersFromTheHead(_RawServer):
+    """A body limit: 413 decided from the request head, the body never read; then the
+    connection is closed (a reset: unread bytes) or left open, unread."""
+
+    def __init__(self, *, keep_open: bool) -> None:
+        super().__init__()
+        self.keep_open = keep_open
+
+    def serve(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        conn.sendall(TOO_LARGE)
+        if self.keep_open:
+            self._stop.wait(30)
+        conn.close()
+
+
+@pytest.mark.parametrize("keep_open", [False, True], ids=["reset", "left-unread"])
+def test_a_reply_sent_before_the_body_was_read_is_the_reply(keep_open: bool) -> None:
+    # The runner's 413 from the head alone: the gateway, still sending 12 MB, met a reset
+    # (a 502) or a full window until its deadline (a 504) and never read the 413 it had.
+    body = b"{" + b" " * (12 << 20) + b"}"
+    with AnswersFromTheHead(keep_open=keep_open) as server, pool_for(server) as pool:
+        status, _, _ = get(pool, "POST", body=body, read_s=1.0, total_s=1.0)
+        assert status == 413
+        assert pool._idle == []  # never reused
+
+
 def test_the_retry_goes_on_a_new_connection_not_another_idle_one() -> None:
     # A runner restart drops every idle connection at once: the retry took the next idle
     # one, dropped too, and the asset was a 502 while the runner was up.

@@ -33,11 +33,12 @@ from collections.abc import Iterator
 
 import httptools
 
-from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreachable
+from runner_mw.errors import BadGateway, Overloaded, RunnerTimeout, RunnerUnreachable, UpstreamError
 from runner_mw.headers import has_ctl
 
 MAX_HEAD = 64 * 1024  # http.client's limit on one header line; here on the whole head
 MAX_HEADERS = 100  # http.client's limit too
+EARLY_S = 0.5  # how long a reset send waits for the reply that caused it (see _early_reply)
 MAX_FRAMING = MAX_HEAD  # chunk framing and trailers beyond 8 bytes a body byte (see stream)
 _CR_LF = (b"\r", b"\n")
 CHUNK = 64 * 1024
@@ -490,17 +491,22 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
             _limit(conn, read_s if total_s is None else min(read_s, total_s), send=True)
             try:
                 _send_all(conn, data, deadline)
-            except (TimeoutError, BlockingIOError):
-                raise RunnerTimeout() from None
+            except (TimeoutError, BlockingIOError):  # it stopped reading: had it answered?
+                parse = _early_reply(conn, method, 0.05)
+                if parse is None:
+                    raise RunnerTimeout() from None
             except OSError:  # reset or broken pipe: the runner dropped an idle connection
                 if reused and retry_stale and attempt == 1:
                     raise _Stale() from None
-                raise BadGateway() from None
-            # The head must come whole within read_s (or the total deadline): a runner
-            # dripping it byte by byte cannot hold a pool slot for long.
-            head_by = started + read_s if deadline is None else min(deadline, started + read_s)
-            parse = _read_head(conn, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
-                               head_only=method == "HEAD")
+                parse = _early_reply(conn, method, EARLY_S)
+                if parse is None:
+                    raise BadGateway() from None
+            else:
+                # The head must come whole within read_s (or the total deadline): a runner
+                # dripping it byte by byte cannot hold a pool slot for long.
+                head_by = started + read_s if deadline is None else min(deadline, started + read_s)
+                parse = _read_head(conn, read_s, head_by, stale_ok=reused and retry_stale and attempt == 1,
+                                   head_only=method == "HEAD")
         except _Stale:
             # The runner (or a proxy in front) dropped it while idle: it likely dropped the
             # others idle beside it too (a restart). The retry goes on a new connection.
@@ -514,6 +520,19 @@ def request(pool: Pool, method: str, data: bytes, *, read_s: float,
     raise BadGateway()
 
 
+def _early_reply(conn: _Conn, method: str, wait_s: float) -> _Parse | None:
+    """The reply a runner sent before it had read the whole request, then reset the
+    connection or stopped reading (a 413 decided from the head alone, as a body limit
+    does): what arrived within ``wait_s``, or None. The connection is never reused."""
+    try:
+        parse = _read_head(conn, wait_s, time.monotonic() + wait_s, stale_ok=False,
+                           head_only=method == "HEAD")
+    except UpstreamError:
+        return None
+    parse.keep_alive = False
+    return parse
+
+
 def _send_all(conn: _Conn, data: bytes, deadline: float | None) -> None:
     """``sendall``, but within ``deadline``: a runner reading slowly but steadily would keep
     a plain ``sendall`` going, each ``send`` making a little progress within its timeout."""
@@ -524,7 +543,7 @@ def _send_all(conn: _Conn, data: bytes, deadline: float | None) -> None:
     while view:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise RunnerTimeout()
+            raise TimeoutError
         _limit(conn, left, send=True)
         view = view[conn.sock.send(view):]
 
