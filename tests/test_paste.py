@@ -111,6 +111,8 @@ def test_ini_pipeline_serves_page_assets_and_execute(runner: DevServer, egg: Non
             http.trust_env = False
             page = http.get(f"{base}/", timeout=T)
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert page.headers["content-security-policy"] == "frame-ancestors 'self'"
+            assert page.headers["x-frame-options"] == "SAMEORIGIN"
             tag = re.search(r"<iframe[^>]*>", page.text)
             assert tag is not None and 'sandbox="allow-scripts"' in tag[0]
             src = html.unescape(re.search(r'\ssrc="([^"]+)"', tag[0])[1])  # type: ignore[index]

@@ -236,6 +236,8 @@ def check_serving(base: str) -> None:
         http.trust_env = False  # loopback: never through a proxy from the environment
         page = http.get(base, timeout=T)
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        # Not frameable by another site (it could navigate the extension's iframe to its own page).
+        assert page.headers["content-security-policy"] == "frame-ancestors 'self'"
         match = re.search(r'<iframe\b[^>]*\ssrc="([^"]+)"', page.text)
         assert match, page.text
         src = html.unescape(match[1])

@@ -11,6 +11,22 @@
 (function () {
   "use strict";
 
+  // Framed by another site, this page's extension iframes can be navigated by that site's
+  // top page to documents of its own, which would then talk to this bridge as the extension
+  // would. Send the page with "Content-Security-Policy: frame-ancestors 'self'"; and relay
+  // nothing when framed by another origin all the same.
+  function framedByAnotherOrigin() {
+    try {
+      return window.top !== window.self && window.top.location.origin !== window.location.origin;
+    } catch (err) {
+      return true;  // reading a cross-origin top's location throws
+    }
+  }
+  if (framedByAnotherOrigin()) {
+    console.warn("runner-bridge: framed by another origin; extension calls are not relayed");
+    return;
+  }
+
   function toBase64(text) {
     var bytes = new TextEncoder().encode(text), binary = "";
     for (var i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
