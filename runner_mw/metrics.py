@@ -487,14 +487,52 @@ def _fold(folder: str, pid: int) -> None:
             dead = os.path.join(folder, f"{kind}_{pid}.db")
             if not os.path.exists(dead):
                 continue
-            archive = MmapedDict(os.path.join(folder, f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
+            archive = os.path.join(folder, f"{kind}_archive.db")
+            values: dict[str, tuple[float, float]] = {}
+            for path in (archive, dead):
+                if not os.path.exists(path):
+                    continue
+                for key, value, stamp, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                    old = values.get(key)
+                    if old is not None:
+                        value, stamp = merge(old[0], value), max(old[1], stamp)
+                    values[key] = (value, stamp)
+            # Written whole to a new file, then swapped in and the dead file removed: a master
+            # killed before the swap changed nothing, and only the instant between the two
+            # calls could count a worker twice (an operator's folder outlives the master).
+            fresh = archive + ".new"  # not *.db: never read as a process's file
             try:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):  # type: ignore[no-untyped-call]
-                    old, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
-                    archive.write_value(key, merge(old, value), timestamp)  # type: ignore[no-untyped-call]
-            finally:
-                archive.close()  # type: ignore[no-untyped-call]
+                _write_values(fresh, values)
+                os.replace(fresh, archive)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(fresh)
+                raise
             os.unlink(dead)
+
+
+def _write_values(path: str, values: dict[str, tuple[float, float]]) -> None:
+    """A prometheus-client value file holding ``values``, readable by the workers."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    # Every block allocated before the mmap is written: on a full tmpfs a write to an mmap
+    # page with no block behind it is SIGBUS (the master gone), this is ENOSPC (an OSError).
+    needed = 8 + sum(40 + len(key.encode()) for key in values)
+    size = 1 << 16  # prometheus-client's first size; it doubles when full (never, now)
+    while size < needed:
+        size *= 2
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # the workers' user may differ, the master's umask be 027
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    target = MmapedDict(path)  # type: ignore[no-untyped-call]
+    try:
+        for key, (value, stamp) in values.items():
+            target.write_value(key, value, stamp)  # type: ignore[no-untyped-call]
+    finally:
+        target.close()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager
@@ -508,6 +546,8 @@ def _folder_lock(folder: str, *, exclusive: bool, wait_s: float = 1.0) -> Iterat
     except OSError:
         yield False
         return
+    with contextlib.suppress(OSError):  # made by the master: the workers must open it too
+        os.fchmod(fd, 0o644)
     try:
         deadline = time.monotonic() + wait_s
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB

@@ -14,6 +14,7 @@ forked child does not write its parent's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -815,3 +816,60 @@ def test_a_worker_whose_files_were_removed_counts_again_in_new_ones(tmp_path: Pa
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"before": 1.0, "after": 5.0, "inflight": 2.0}
     assert proc.stderr.count("were removed; counting again") >= 1
     assert proc.stderr.count("recording a metric failed") == 1  # the missing folder, once
+
+
+def _value_file(path: Path, values: dict[str, float]) -> None:
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    target = MmapedDict(str(path))
+    for name, number in values.items():
+        target.write_value(mmap_key("runner_mw_requests_total", "runner_mw_requests_total", ["route"],
+                                    [name], "Requests"), number, 0.0)
+    target.close()
+
+
+def _values(path: Path) -> dict[str, float]:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    return {json.loads(key)[2]["route"]: number
+            for key, number, _, _ in MmapedDict.read_all_values_from_file(str(path))}
+
+
+def test_a_fold_that_cannot_get_space_changes_nothing(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a full tmpfs the master's write to an mmap page was SIGBUS: the master gone. Every
+    # block is now allocated first, where a full disk is an OSError, and the fold is undone.
+    from runner_mw import metrics
+
+    _value_file(tmp_path / "counter_archive.db", {"asset": 2.0})
+    _value_file(tmp_path / "counter_4242.db", {"asset": 3.0, "execute": 1.0})
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError):
+        metrics._fold(str(tmp_path), 4242)
+    assert _values(tmp_path / "counter_archive.db") == {"asset": 2.0}
+    assert _values(tmp_path / "counter_4242.db") == {"asset": 3.0, "execute": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fold.lock", "counter_4242.db",
+                                                          "counter_archive.db"]
+    monkeypatch.undo()
+    metrics._fold(str(tmp_path), 4242)
+    assert _values(tmp_path / "counter_archive.db") == {"asset": 5.0, "execute": 1.0}
+    assert not (tmp_path / "counter_4242.db").exists()
+
+
+def test_the_folded_files_are_readable_by_workers_of_another_user(tmp_path: Path) -> None:
+    # A master started as root with gunicorn's user/group and a umask of 027 made the archive
+    # 0640 root: every worker's scrape then failed (PermissionError) once a worker had died.
+    from runner_mw import metrics
+
+    _value_file(tmp_path / "counter_77.db", {"asset": 1.0})
+    old = os.umask(0o027)
+    try:
+        metrics._fold(str(tmp_path), 77)
+    finally:
+        os.umask(old)
+    for name in ("counter_archive.db", metrics.LOCK_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
