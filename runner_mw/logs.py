@@ -81,6 +81,10 @@ def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any
 #: How many configs' secrets ``Redactor.remember`` keeps (the current one included).
 KEEP_CONFIGS = 4
 
+def _usable(secrets: set[str]) -> frozenset[str]:
+    return frozenset(s for s in secrets if s and len(s) >= 4)  # shorter would garble every line
+
+
 #: The shortest piece of a secret that ``Redactor.names_a_secret`` looks for.
 PIECE = 16
 
@@ -136,19 +140,36 @@ class Redactor(logging.Filter):
         self._secrets: tuple[str, ...] = ()
         self._joined = ""
         self._history: collections.deque[frozenset[str]] = collections.deque(maxlen=KEEP_CONFIGS)
+        self._held: dict[object, frozenset[str]] = {}
         self._lock = threading.Lock()
 
     def remember(self, secrets: set[str]) -> None:
         """Redact these (a config's) from now on, with those of the last ``KEEP_CONFIGS``
-        configs: a line about the previous config may still come, but a secret rotated
-        hourly must not make every line and request id cost more for the worker's life."""
+        configs and those held: a line about the previous config may still come, but a
+        secret rotated hourly must not make every line and request id cost more for the
+        worker's life."""
         with self._lock:
-            fresh = frozenset(s for s in secrets if s and len(s) >= 4)
+            fresh = _usable(secrets)
             if not self._history or self._history[-1] != fresh:
                 self._history.append(fresh)
-            known = set().union(*self._history)
-            self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
-            self._joined = "\n".join(self._secrets)  # a line break: no piece spans two
+            self._rebuild()
+
+    def hold(self, owner: object, secrets: set[str]) -> None:
+        """Redact these until ``release(owner)``, however many configs come since: a config
+        still in use (a snapshot serving requests, another middleware's current one)."""
+        with self._lock:
+            self._held[owner] = _usable(secrets)
+            self._rebuild()
+
+    def release(self, owner: object) -> None:
+        with self._lock:
+            if self._held.pop(owner, None) is not None:
+                self._rebuild()
+
+    def _rebuild(self) -> None:
+        known = set().union(*self._history, *self._held.values())
+        self._secrets = tuple(sorted(known, key=len, reverse=True))  # longest first
+        self._joined = "\n".join(self._secrets)  # a line break: no piece spans two
 
     def redact(self, text: str) -> str:
         text = _mask(text, (*_secrets_of(*_request_credentials.get()), *self._secrets))

@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from runner_mw.backends.registry import build_backend
 from runner_mw.config import SECRET_KEYS, Config
 from runner_mw.errors import ConfigError
 from runner_mw.loader import load_config
-from runner_mw.logs import redacted, setup_logging
+from runner_mw.logs import REDACTOR, redacted, secrets_of, setup_logging
 
 log = logging.getLogger("runner_mw.reload")
 
@@ -47,6 +48,10 @@ class Snapshot:
         self._closed = False
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        # Its secrets stay redacted while it may log (serving, retiring), whatever else loads;
+        # released when it closes, or when it is collected (one never closed: a test's).
+        REDACTOR.hold(self.serial, secrets_of(config))
+        weakref.finalize(self, REDACTOR.release, self.serial)
 
     def enter(self) -> None:
         """Count one request in (pair with ``leave``)."""
@@ -94,6 +99,8 @@ class Snapshot:
             self.backend.close()
         except Exception:  # closing must never take a worker down
             log.exception("closing backend %s failed", self.config.backend)
+        finally:
+            REDACTOR.release(self.serial)  # nothing of it is logged from here on
 
 
 @dataclass(frozen=True)

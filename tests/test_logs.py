@@ -144,6 +144,21 @@ def test_secrets_of_old_configs_are_forgotten_after_a_few_reloads() -> None:
     assert redactor.redact(rotated[-KEEP_CONFIGS]) == "***"
 
 
+def test_secrets_of_a_config_still_in_use_stay_redacted_however_many_reloads_come() -> None:
+    # Counted process-wide, four reloads of a second mount evicted the first mount's current
+    # service token; four reloads within a retiring snapshot's grace, its token.
+    from runner_mw.logs import KEEP_CONFIGS, Redactor
+
+    redactor = Redactor()
+    redactor.hold("first mount", {"first-mounts-token-0123"})
+    redactor.remember({"first-mounts-token-0123"})
+    for n in range(KEEP_CONFIGS + 3):
+        redactor.remember({f"second-mounts-token-{n:04d}"})
+    assert redactor.redact("first-mounts-token-0123") == "***"
+    redactor.release("first mount")
+    assert redactor.redact("first-mounts-token-0123") == "first-mounts-token-0123"
+
+
 def test_other_runner_mw_loggers_are_redacted_too(captured: io.StringIO) -> None:
     child = logging.getLogger("runner_mw.backends.plugin")  # not one of logs.LOGGERS
     setup_logging(configured())  # the next config (a reload) covers loggers made since

@@ -347,6 +347,23 @@ def test_a_snapshot_closed_by_its_last_request_leaves_no_timer_sleeping(builds: 
     assert all(snap._closed for snap in snaps)
 
 
+def test_a_retiring_snapshots_token_stays_redacted_until_it_closes(builds: Builds) -> None:
+    from runner_mw.logs import KEEP_CONFIGS, REDACTOR
+
+    token = "retiring-token-0123456789"
+    first = config_from_mapping({"version": 1, "backend": "a", "upstream": {"service_token": token},
+                                 "backends": {"a": {"kind": "docker", "url": "http://127.0.0.1:9"}}})
+    store = SnapshotStore(first, build=builds)
+    old = store.current
+    old.enter()  # a request still running on it
+    for n in range(KEEP_CONFIGS + 2):
+        store.apply(config(f"http://127.0.0.1:{n + 1}"))
+    assert REDACTOR.redact(token) == "***"
+    old.leave()  # its last request: it closes, and its token may go
+    assert old._closed
+    assert REDACTOR.redact(token) == token
+
+
 def test_retire_closes_after_the_grace_period_even_with_a_request_stuck(builds: Builds) -> None:
     snap = Snapshot(config(), FakeBackend(None), 1)
     backend = snap.backend
