@@ -36,19 +36,23 @@ def test_status_health_is_never_another_snapshots() -> None:
     # one's when it got the same address: a dead runner reported ok.
     from types import SimpleNamespace
 
+    from mwfixtures import config_for
+
+    from runner_mw.loader import config_from_mapping
     from runner_mw.snapshot import Snapshot
     from runner_mw.status import HealthCache
 
+    config = config_from_mapping(config_for("http://127.0.0.1:9"))
     cache = HealthCache()
     live = SimpleNamespace(health=lambda: {"ok": True})
     dead = SimpleNamespace(health=lambda: {"ok": False, "error": "NotSent: refused"})
     reused = 0
     for _ in range(50):
-        old = Snapshot(SimpleNamespace(), live, 1)  # type: ignore[arg-type]
+        old = Snapshot(config, live, 1)  # type: ignore[arg-type]
         assert cache.get(old)["ok"] is True
         old_id = id(old)
         del old
-        new = Snapshot(SimpleNamespace(), dead, 2)  # type: ignore[arg-type]
+        new = Snapshot(config, dead, 2)  # type: ignore[arg-type]
         reused += id(new) == old_id
         assert cache.get(new)["ok"] is False
     assert reused, "no address was reused: the case this guards did not happen"
