@@ -421,3 +421,26 @@ def test_authorized_requests_still_need_a_valid_envelope(kind: str) -> None:
         del bad["context"]["tenant_id"]
         assert gw.execute(bad).status_code == 400
         assert gw.runner.received == []
+
+
+def test_only_the_right_most_forwarded_hops_are_read() -> None:
+    # A chain of thousands of trusted addresses was parsed whole: 355 ms a request.
+    from runner_mw.access import MAX_HOPS
+
+    rule = access(("10.0.0.0/8",), trusted=("127.0.0.1/32",))
+    near = ", ".join(["127.0.0.1"] * (MAX_HOPS - 1))
+    assert client_address(env(xff=f"10.1.2.3, {near}"), rule) == ipaddress.ip_address("10.1.2.3")
+    far = ", ".join(["127.0.0.1"] * MAX_HOPS)  # the client beyond the hops read: unknown
+    assert client_address(env(xff=f"10.1.2.3, {far}"), rule) is None
+    ignored = "garbage, " * 100_000  # left of the hops read: never parsed
+    assert client_address(env(xff=f"{ignored}10.1.2.3"), rule) == ipaddress.ip_address("10.1.2.3")
+
+
+def test_a_long_host_is_not_remembered() -> None:
+    # Keyed by the whole Host, 1024 entries of 737 KB each: +717 MB kept.
+    rule = access(("127.0.0.0/8",))
+    huge = "a" * 100_000 + ".example"
+    assert check_access({**env(), "HTTP_HOST": huge}, rule, None) == UNAUTHORIZED
+    assert huge not in rule.host_ok
+    assert check_access({**env(), "HTTP_HOST": "localhost:8000"}, rule, None) == ALLOW
+    assert "localhost:8000" in rule.host_ok

@@ -257,3 +257,15 @@ def test_execute_requests_carry_only_allow_listed_headers(gateway: Gateway) -> N
     assert got["x-runner-service-token"] == SERVICE_TOKEN and got["accept-encoding"] == "identity"
     assert set(resp.headers) >= {"Content-Type", "Cache-Control", "X-Request-Id"}
     assert "Set-Cookie" not in resp.headers
+
+
+def test_a_long_connection_header_is_not_remembered() -> None:
+    # Bounded in entries only, the cache kept 256 values of whatever size a client sent:
+    # gunicorn joins 100 fields of 8 KB, and a worker kept 860 MB for good.
+    from runner_mw import headers
+
+    headers._cached_tokens.cache_clear()
+    big = ", ".join(f"x-pad-{n:05d}" for n in range(2000))
+    assert headers.connection_tokens(big) == frozenset(f"x-pad-{n:05d}" for n in range(2000))
+    assert headers.connection_tokens("keep-alive, X-Trace") == frozenset({"keep-alive", "x-trace"})
+    assert headers._cached_tokens.cache_info().currsize == 1  # the short one only
