@@ -73,9 +73,27 @@ def _secrets_of(authorization: Any, proxy_authorization: Any, service_token: Any
             found.append(value.strip().partition(" ")[2].strip())
     if isinstance(cookie, str):
         found.append(cookie.strip())
-        for part in cookie.split(";"):
+        # A browser keeps at most 180 cookies a site: the rest of a longer header is a
+        # client's own padding, not worth a search per log line each.
+        for part in cookie.split(";", MAX_COOKIES)[:MAX_COOKIES]:
             found.append(part.partition("=")[2].strip().strip('"'))
     return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
+
+
+MAX_COOKIES = 256
+# The last request's credentials and their values, worked out once however many lines and
+# checks need them (a 740 KB Cookie header split again for each: 80 ms a request).
+_request_secrets: contextvars.ContextVar[tuple[tuple[Any, ...], tuple[str, ...]] | None] = \
+    contextvars.ContextVar("runner_mw_request_secrets", default=None)
+
+
+def _secrets_of_request() -> tuple[str, ...]:
+    raw = _request_credentials.get()
+    memo = _request_secrets.get()
+    if memo is None or memo[0] is not raw:
+        memo = (raw, _secrets_of(*raw))
+        _request_secrets.set(memo)
+    return memo[1]
 
 
 #: How many configs' secrets ``Redactor.remember`` keeps (the current one included).
@@ -172,7 +190,7 @@ class Redactor(logging.Filter):
         self._joined = "\n".join(self._secrets)  # a line break: no piece spans two
 
     def redact(self, text: str) -> str:
-        text = _mask(text, (*_secrets_of(*_request_credentials.get()), *self._secrets))
+        text = _mask(text, (*_secrets_of_request(), *self._secrets))
         # The case-insensitive regex costs ~10-20 us per line here: run it only when one of
         # the words every match contains is there. ASCII text: lower() + "in" finds what (?i)
         # finds; other text always gets the regex (re folds e.g. the Kelvin sign to "k").
@@ -187,7 +205,7 @@ class Redactor(logging.Filter):
         the service token, whole or most of it; a UUID that is also a tracking cookie may pass)."""
         if len(text) < PIECE:
             return False
-        for secret in _secrets_of(*_request_credentials.get()):
+        for secret in _secrets_of_request():
             # The client's own (its headers are as long as it likes): held, or a piece of one.
             if len(secret) >= PIECE and (secret in text or text in secret):
                 return True

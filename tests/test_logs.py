@@ -159,6 +159,27 @@ def test_secrets_of_a_config_still_in_use_stay_redacted_however_many_reloads_com
     assert redactor.redact("first-mounts-token-0123") == "first-mounts-token-0123"
 
 
+def test_a_requests_credentials_are_worked_out_once(monkeypatch: pytest.MonkeyPatch,
+                                                   captured: io.StringIO) -> None:
+    # Split again for every redacted line and the request-id check: with a 740 KB Cookie
+    # header (gunicorn joins 90 fields of 8 KB), 80 ms a request before any access check.
+    calls: list[int] = []
+    real = logs._secrets_of
+    monkeypatch.setattr(logs, "_secrets_of", lambda *raw: calls.append(1) or real(*raw))
+    cookie = "; ".join(f"c{n}=value-{n:06d}" for n in range(5000))
+    bind_request({"HTTP_COOKIE": cookie})
+    assert not REDACTOR.names_a_secret("an-ordinary-request-id-1")
+    for n in range(5):
+        logging.getLogger("runner_mw").warning("line %d quoting value-000007 and value-004999", n)
+    assert len(calls) == 1
+    text = captured.getvalue()
+    assert "value-000007" not in text  # a browser's number of cookies: each one redacted
+    assert len(real(None, None, None, cookie)) <= logs.MAX_COOKIES + 1
+    bind_request({"HTTP_COOKIE": "sid=another-request-9"})  # the next request: its own
+    logging.getLogger("runner_mw").warning("quoting another-request-9")
+    assert len(calls) == 2 and "another-request-9" not in captured.getvalue()
+
+
 def test_other_runner_mw_loggers_are_redacted_too(captured: io.StringIO) -> None:
     child = logging.getLogger("runner_mw.backends.plugin")  # not one of logs.LOGGERS
     setup_logging(configured())  # the next config (a reload) covers loggers made since
