@@ -110,10 +110,10 @@ def test_a_lone_surrogate_where_the_runner_reads_a_string_is_a_400(gateway: Gate
     assert gateway.runner.received == []
 
 
-def test_lone_surrogates_and_deep_nesting_the_runner_ignores_pass_unchanged(gateway: Gateway) -> None:
-    # orjson refuses both (the slow path): neither is a field the runner reads as text.
+def test_lone_surrogates_and_nesting_the_runner_ignores_pass_unchanged(gateway: Gateway) -> None:
+    # orjson refuses a lone surrogate (the slow path): not a field the runner reads as text.
     deep: Any = "end"
-    for _ in range(450):
+    for _ in range(100):  # within the runner's parser's 128 levels
         deep = [deep]
     env = envelope()
     env["context"]["extra"] = "\ud800"
@@ -122,6 +122,22 @@ def test_lone_surrogates_and_deep_nesting_the_runner_ignores_pass_unchanged(gate
     assert resp.status_code == 200, resp.text
     sent = sent_envelope(gateway)
     assert sent["context"]["extra"] == "\ud800"
+    assert sent["context"]["nested"] == deep
+
+
+@pytest.mark.parametrize("key", [None, "retry-1"])
+def test_nesting_beyond_what_orjson_writes_is_refused_at_once(gateway: Gateway, key: str | None) -> None:
+    # Beyond 255 levels (the runner's parser stops at 128) the body went through the slow
+    # fallbacks, each walking it again: 3 400 arrays 300 deep cost 1.4 s of CPU a request.
+    deep: Any = "end"
+    for _ in range(300):
+        deep = [deep]
+    env = envelope()
+    env["context"]["nested"] = deep
+    resp = gateway.execute(env, headers={"X-Idempotency-Key": key} if key else None)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["detail"] == "the body nests too deeply"
+    assert gateway.runner.received == []
 
 
 def test_a_body_nested_to_the_parsers_limit_is_a_400_never_a_500(gateway: Gateway) -> None:
