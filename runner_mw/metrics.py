@@ -34,6 +34,8 @@ import glob
 import logging
 import os
 import shutil
+import stat
+import struct
 import tempfile
 import threading
 import time
@@ -477,62 +479,90 @@ LOCK_NAME = ".fold.lock"  # a dotfile: not one of the *.db files a scrape reads
 def _fold(folder: str, pid: int) -> None:
     # Each worker that ever lived left three files, and every scrape read them all: with
     # max_requests recycling, 990 files and a 57 ms scrape after an hour (a helper's count).
-    from prometheus_client.mmap_dict import MmapedDict
-
     with _folder_lock(folder, exclusive=True) as locked:
         if not locked:  # a scrape held it for a whole second: its files stay, counted as they are
             log.warning("runner_mw: metrics of worker %d not folded (the folder stayed locked)", pid)
             return
         for kind, merge in _FOLDS:
             dead = os.path.join(folder, f"{kind}_{pid}.db")
-            if not os.path.exists(dead):
+            if not os.path.lexists(dead):
                 continue
             archive = os.path.join(folder, f"{kind}_archive.db")
             values: dict[str, tuple[float, float]] = {}
             for path in (archive, dead):
-                if not os.path.exists(path):
+                if not os.path.lexists(path):
                     continue
-                for key, value, stamp, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                for key, value, stamp in _read_values(path):
                     old = values.get(key)
                     if old is not None:
                         value, stamp = merge(old[0], value), max(old[1], stamp)
                     values[key] = (value, stamp)
-            # Written whole to a new file, then swapped in and the dead file removed: a master
-            # killed before the swap changed nothing, and only the instant between the two
-            # calls could count a worker twice (an operator's folder outlives the master).
-            fresh = archive + ".new"  # not *.db: never read as a process's file
-            try:
-                _write_values(fresh, values)
-                os.replace(fresh, archive)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(fresh)
-                raise
+            _replace_values(folder, archive, values)
+            # A master killed between the swap and this counts that worker twice: a one-time
+            # step, which rate() takes like a restart.
             os.unlink(dead)
 
 
-def _write_values(path: str, values: dict[str, tuple[float, float]]) -> None:
-    """A prometheus-client value file holding ``values``, readable by the workers."""
-    from prometheus_client.mmap_dict import MmapedDict
+# The value files' format (prometheus-client's MmapedDict): the used length (int32) and 4
+# bytes of padding, then per value the key's length (int32), the key in UTF-8 padded with
+# spaces to a multiple of 8 with that int, the value and its timestamp (two doubles).
+_INT = struct.Struct("i")
+_TWO_DOUBLES = struct.Struct("dd")
 
-    # Every block allocated before the mmap is written: on a full tmpfs a write to an mmap
-    # page with no block behind it is SIGBUS (the master gone), this is ENOSPC (an OSError).
-    needed = 8 + sum(40 + len(key.encode()) for key in values)
-    size = 1 << 16  # prometheus-client's first size; it doubles when full (never, now)
-    while size < needed:
-        size *= 2
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+def _read_values(path: str) -> list[tuple[str, float, float]]:
+    """A value file's (key, value, timestamp) entries. Read through no symlink: the folder
+    is the workers' to write, and a link planted there must not make the master (root,
+    with gunicorn's user/group) read another file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        os.fchmod(fd, 0o644)  # the workers' user may differ, the master's umask be 027
-        os.posix_fallocate(fd, 0, size)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
     finally:
         os.close(fd)
-    target = MmapedDict(path)  # type: ignore[no-untyped-call]
+    used = _INT.unpack_from(data, 0)[0] if len(data) >= 8 else 0
+    if not 8 <= used <= len(data):
+        raise ValueError(f"{path}: not a value file")
+    entries, pos = [], 8
+    while pos < used:
+        size = _INT.unpack_from(data, pos)[0]
+        start, pos = pos + 4, pos + 4 + size + (8 - (size + 4) % 8)
+        if size < 0 or pos + 16 > used:
+            raise ValueError(f"{path}: cut short")
+        value, stamp = _TWO_DOUBLES.unpack_from(data, pos)
+        entries.append((data[start:start + size].decode("utf-8"), value, stamp))
+        pos += 16
+    return entries
+
+
+def _replace_values(folder: str, path: str, values: dict[str, tuple[float, float]]) -> None:
+    """Make ``path`` a value file holding ``values``, whole or not at all, readable by the
+    workers (their user may differ; the master's umask may be 027). Plain writes to a new
+    file of our own (O_EXCL: never through a planted link), then a rename: no mmap, whose
+    write on a full tmpfs is SIGBUS (the master gone), where this is ENOSPC."""
+    body = bytearray()
+    for key, (value, stamp) in values.items():
+        encoded = key.encode("utf-8")
+        body += _INT.pack(len(encoded)) + encoded + b" " * (8 - (len(encoded) + 4) % 8)
+        body += _TWO_DOUBLES.pack(value, stamp)
+    data = _INT.pack(8 + len(body)) + bytes(4) + bytes(body)
+    fd, fresh = tempfile.mkstemp(dir=folder, prefix=".fold-", suffix=".new")  # not *.db: never read
     try:
-        for key, (value, stamp) in values.items():
-            target.write_value(key, value, stamp)  # type: ignore[no-untyped-call]
-    finally:
-        target.close()  # type: ignore[no-untyped-call]
+        os.fchmod(fd, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(fresh, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(fresh)
+        raise
 
 
 @contextlib.contextmanager
@@ -542,12 +572,14 @@ def _folder_lock(folder: str, *, exclusive: bool, wait_s: float = 1.0) -> Iterat
     neither. Yields whether the lock is held (False: the folder cannot be locked, or the
     wait ran out; a scrape goes on without it)."""
     try:
-        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError:
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:  # (a link planted there among them: never followed)
         yield False
         return
-    with contextlib.suppress(OSError):  # made by the master: the workers must open it too
-        os.fchmod(fd, 0o644)
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+        with contextlib.suppress(OSError):  # made by the master: the workers must open it too
+            os.fchmod(fd, 0o644)
     try:
         deadline = time.monotonic() + wait_s
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB

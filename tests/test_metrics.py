@@ -837,24 +837,23 @@ def _values(path: Path) -> dict[str, float]:
 
 def test_a_fold_that_cannot_get_space_changes_nothing(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # On a full tmpfs the master's write to an mmap page was SIGBUS: the master gone. Every
-    # block is now allocated first, where a full disk is an OSError, and the fold is undone.
+    # On a full tmpfs the master's write to an mmap page was SIGBUS: the master gone. Plain
+    # writes get ENOSPC, an OSError, and the fold is undone.
     from runner_mw import metrics
 
     _value_file(tmp_path / "counter_archive.db", {"asset": 2.0})
     _value_file(tmp_path / "counter_4242.db", {"asset": 3.0, "execute": 1.0})
 
-    def full(fd: int, offset: int, size: int) -> None:
+    def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(OSError):
+    with monkeypatch.context() as patch, pytest.raises(OSError):
+        patch.setattr(os, "write", full)
         metrics._fold(str(tmp_path), 4242)
     assert _values(tmp_path / "counter_archive.db") == {"asset": 2.0}
     assert _values(tmp_path / "counter_4242.db") == {"asset": 3.0, "execute": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".fold.lock", "counter_4242.db",
                                                           "counter_archive.db"]
-    monkeypatch.undo()
     metrics._fold(str(tmp_path), 4242)
     assert _values(tmp_path / "counter_archive.db") == {"asset": 5.0, "execute": 1.0}
     assert not (tmp_path / "counter_4242.db").exists()
@@ -873,3 +872,27 @@ def test_the_folded_files_are_readable_by_workers_of_another_user(tmp_path: Path
         os.umask(old)
     for name in ("counter_archive.db", metrics.LOCK_NAME):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert _values(tmp_path / "counter_archive.db") == {"asset": 1.0}  # prometheus-client reads it
+
+
+def test_the_fold_follows_no_link_planted_in_the_workers_folder(tmp_path: Path) -> None:
+    # The folder is the workers' to write; the master (root under gunicorn's user/group)
+    # truncated and chmodded 0644 whatever a planted link named.
+    from runner_mw import metrics
+
+    private = tmp_path / "private"
+    private.write_bytes(b"secret")
+    private.chmod(0o600)
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_archive.db").symlink_to(private)
+    _value_file(folder / "counter_88.db", {"asset": 1.0})
+    with pytest.raises(OSError):
+        metrics._fold(str(folder), 88)
+    (folder / "counter_archive.db").unlink()
+    (folder / metrics.LOCK_NAME).unlink()
+    (folder / metrics.LOCK_NAME).symlink_to(private)
+    metrics._fold(str(folder), 88)  # not locked: not folded
+    assert (folder / "counter_88.db").exists()
+    assert private.read_bytes() == b"secret" and private.stat().st_mode & 0o777 == 0o600
+    assert not [p for p in folder.iterdir() if p.name.endswith(".new")]
