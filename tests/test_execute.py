@@ -126,13 +126,17 @@ def test_lone_surrogates_and_nesting_the_runner_ignores_pass_unchanged(gateway: 
 
 
 @pytest.mark.parametrize("key", [None, "retry-1"])
-def test_nesting_beyond_what_orjson_writes_is_refused_at_once(gateway: Gateway, key: str | None) -> None:
+@pytest.mark.parametrize("first", [None, 2**70, "\ud800"], ids=["deep", "big-int-first", "surrogate-first"])
+def test_nesting_beyond_what_orjson_writes_is_refused_at_once(gateway: Gateway, key: str | None,
+                                                              first: Any) -> None:
     # Beyond 255 levels (the runner's parser stops at 128) the body went through the slow
     # fallbacks, each walking it again: 3 400 arrays 300 deep cost 1.4 s of CPU a request.
+    # Told by orjson's message at first, which names what it met first: a big integer
+    # before the deep part hid it.
     deep: Any = "end"
     for _ in range(300):
         deep = [deep]
-    env = envelope()
+    env = envelope() if first is None else {"a_first": first, **envelope()}  # written before context
     env["context"]["nested"] = deep
     resp = gateway.execute(env, headers={"X-Idempotency-Key": key} if key else None)
     assert resp.status_code == 400, resp.text
