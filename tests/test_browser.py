@@ -210,16 +210,27 @@ parent.postMessage({type: "runner_mw.execute", id: "evil-1",
 
 
 @contextlib.contextmanager
-def another_site(pages: dict[str, str]) -> Iterator[str]:
-    """``pages`` served on a free port, reached as ``http://localhost:<port>``: another origin
-    than the host app's ``http://127.0.0.1:<port>``."""
+def another_site(pages: dict[str, str], name: str = "localhost",
+                 posts: list[bytes] | None = None) -> Iterator[str]:
+    """``pages`` served on a free port, reached as ``http://<name>:<port>`` (``localhost``:
+    another origin than the host app's ``http://127.0.0.1:<port>``); POST bodies go to
+    ``posts``, answered with a runner reply."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = pages.get(self.path, "").encode()
+            kind = "text/javascript" if self.path.endswith(".js") else "text/html; charset=utf-8"
+            self._send(pages.get(self.path, "").encode(), kind)
+
+        def do_POST(self) -> None:
+            assert posts is not None
+            posts.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self._send(b'{"status": 200, "headers": {}, "body_b64": "ZG9uZQ==", "error": null}',
+                       "application/json")
+
+        def _send(self, body: bytes, kind: str) -> None:
             self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -231,7 +242,7 @@ def another_site(pages: dict[str, str]) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://localhost:{server.server_address[1]}"
+        yield f"http://{name}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -261,3 +272,56 @@ def test_another_site_framing_the_host_page_gets_no_call_through_the_bridge(
             time.sleep(0.2)
             text = driver.find_element(By.ID, "result").text  # type: ignore[attr-defined]
         assert "status" not in text, f"another site got a reply through the bridge: {text}"
+
+
+BRIDGE = (ROOT / "examples" / "static" / "runner-bridge.js").read_text(encoding="utf-8")
+# A host page as a host app might serve it without the anti-framing headers: the bridge's own
+# guard must then refuse, whichever ancestor is the other site.
+UNGUARDED_HOST = """<!doctype html><script src="/runner-bridge.js"></script>
+<iframe src="/ext.html" sandbox="allow-scripts" data-runner-extension="ext" data-content-hash="h"
+        data-tenant="victim-tenant" data-execute-url="/v1/execute"></iframe>"""
+# The host's own page embedding another site (a partner widget), which embeds the host page.
+HOST_TOP = """<!doctype html><iframe src="{evil}/middle.html" width=900 height=600></iframe>
+<pre id="result">waiting</pre><script>
+addEventListener("message", function (e) {{
+  if (e.data && e.data.stolen) document.getElementById("result").textContent = JSON.stringify(e.data.stolen);
+}});
+</script>"""
+MIDDLE = """<!doctype html><iframe id="h" src="{host}/host.html"></iframe><script>
+document.getElementById("h").onload = function () {{
+  frames[0].frames[0].location = location.origin + "/payload.html";
+}};
+addEventListener("message", function (e) {{ if (e.data && e.data.stolen) top.postMessage(e.data, "*"); }});
+</script>"""
+
+
+@pytest.mark.parametrize("layout", ["another-site-on-top", "another-site-in-between"])
+def test_the_bridge_alone_relays_nothing_when_another_site_is_an_ancestor(
+        monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    # Its guard looked at window.top only: a page of the host's origin embedding another site
+    # that embeds the host page passed it, and that site's frame took the extension's place.
+    reason = browser_missing()
+    if reason:
+        missing(reason)
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    from selenium.webdriver.common.by import By
+
+    host_pages = {"/host.html": UNGUARDED_HOST, "/ext.html": "<!doctype html><p>extension</p>",
+                  "/runner-bridge.js": BRIDGE}
+    evil_pages = {"/payload.html": PAYLOAD}
+    posts: list[bytes] = []
+    with tempfile.TemporaryDirectory(prefix="rmw-") as tmp, \
+            another_site(host_pages, "127.0.0.1", posts) as host, another_site(evil_pages) as evil, \
+            chromium(Path(tmp) / "profile") as driver:
+        host_pages["/top.html"] = HOST_TOP.format(evil=evil)
+        evil_pages["/middle.html"] = MIDDLE.format(host=host)
+        evil_pages["/"] = ATTACKER.format(host=host, evil=evil).replace(f"{host}/", f"{host}/host.html")
+        start = f"{host}/top.html" if layout == "another-site-in-between" else f"{evil}/"
+        driver.get(start)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 8
+        text = "waiting"
+        while time.monotonic() < deadline and text == "waiting":
+            time.sleep(0.2)
+            text = driver.find_element(By.ID, "result").text  # type: ignore[attr-defined]
+        assert posts == [], posts
+        assert "status" not in text, text

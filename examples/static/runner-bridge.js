@@ -16,10 +16,15 @@
   // would. Send the page with "Content-Security-Policy: frame-ancestors 'self'"; and relay
   // nothing when framed by another origin all the same.
   function framedByAnotherOrigin() {
+    // Every ancestor, not only the top: a page of this origin may embed another site that
+    // embeds this page, and that frame may navigate the extension iframes below it too.
     try {
-      return window.top !== window.self && window.top.location.origin !== window.location.origin;
+      for (var w = window; w !== window.top; w = w.parent) {
+        if (w.parent.location.origin !== window.location.origin) return true;
+      }
+      return false;
     } catch (err) {
-      return true;  // reading a cross-origin top's location throws
+      return true;  // reading a cross-origin frame's location throws
     }
   }
   if (framedByAnotherOrigin()) {
