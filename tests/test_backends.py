@@ -549,3 +549,13 @@ def test_a_base_path_in_the_url_prefixes_every_call(kind: str) -> None:
         backend.health()
         assert [r.raw_path for r in runner.received] == ["/prefix/v1/execute", f"/prefix/{ASSET}?a=1",
                                                          "/prefix/healthz"]
+
+
+def test_ui_url_refuses_what_the_gateway_would_refuse() -> None:
+    # A long path made an iframe URL whose query the gateway's own route refuses (400).
+    from runner_mw.paths import MAX_QUERY
+
+    backend = build_backend(config_from_mapping(config_for("http://127.0.0.1:9")).active)
+    assert "path=/a" in backend.ui_url(EXT, HASH, "/a" * 1000)
+    with pytest.raises(ValueError, match="over the"):
+        backend.ui_url(EXT, HASH, "/a" * MAX_QUERY)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
 
+from runner_mw.paths import MAX_QUERY
+
 if TYPE_CHECKING:
     from runner_mw.config import BackendSettings
 
@@ -115,7 +117,8 @@ class RunnerBackend(abc.ABC):
         """The iframe URL of an extension's UI, in the reference gateway's shape.
 
         A relative ``public_base`` (``/runner``) is prefixed with ``script_name``
-        (the host app's mount point). Raises ``ValueError`` for a bad hash.
+        (the host app's mount point). Raises ``ValueError`` for a bad hash, or for a URL
+        the gateway's own route would refuse as too long (``paths.MAX_QUERY``).
         """
         if not CONTENT_HASH.fullmatch(content_hash or ""):
             raise ValueError("content_hash must be 'sha256:' followed by 64 hex digits")
@@ -128,10 +131,12 @@ class RunnerBackend(abc.ABC):
         if tenant:
             params["tenant"] = tenant
         params["extensionId"] = extension_id
-        return (
-            f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}"
-            f"/index.html?{urlencode(params, quote_via=quote, safe='/')}"
-        )
+        query = urlencode(params, quote_via=quote, safe="/")
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the iframe URL's query would be {len(query)} characters, "
+                             f"over the {MAX_QUERY} the gateway takes")
+        return f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}" \
+               f"/index.html?{query}"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release pooled connections. Called once, after the last in-flight request."""
