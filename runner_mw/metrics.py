@@ -483,6 +483,9 @@ def _fold(folder: str, pid: int) -> None:
         if not locked:  # a scrape held it for a whole second: its files stay, counted as they are
             log.warning("runner_mw: metrics of worker %d not folded (the folder stayed locked)", pid)
             return
+        for stale in glob.glob(os.path.join(glob.escape(folder), ".fold-*.new")):
+            with contextlib.suppress(OSError):  # a master killed while writing one
+                os.unlink(stale)
         for kind, merge in _FOLDS:
             dead = os.path.join(folder, f"{kind}_{pid}.db")
             if not os.path.lexists(dead):
@@ -507,6 +510,7 @@ def _fold(folder: str, pid: int) -> None:
 # bytes of padding, then per value the key's length (int32), the key in UTF-8 padded with
 # spaces to a multiple of 8 with that int, the value and its timestamp (two doubles).
 _INT = struct.Struct("i")
+MAX_VALUE_FILE = 64 << 20  # far beyond a worker's few hundred series
 _TWO_DOUBLES = struct.Struct("dd")
 
 
@@ -514,17 +518,23 @@ def _read_values(path: str) -> list[tuple[str, float, float]]:
     """A value file's (key, value, timestamp) entries. Read through no symlink: the folder
     is the workers' to write, and a link planted there must not make the master (root,
     with gunicorn's user/group) read another file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO planted there would block the open (the master stops reaping).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path}: not a regular file")
         with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
+            head = fh.read(8)
+            used = _INT.unpack_from(head, 0)[0] if len(head) == 8 else 0
+            if used <= 8:  # made, not yet sized or written (a worker killed then): no values
+                return []
+            if used > MAX_VALUE_FILE:  # the used length, not the file's (sparse, any size)
+                raise ValueError(f"{path}: not a value file")
+            data = head + fh.read(used - 8)
     finally:
         os.close(fd)
-    used = _INT.unpack_from(data, 0)[0] if len(data) >= 8 else 0
-    if not 8 <= used <= len(data):
-        raise ValueError(f"{path}: not a value file")
+    if len(data) < used:
+        raise ValueError(f"{path}: cut short")
     entries, pos = [], 8
     while pos < used:
         size = _INT.unpack_from(data, pos)[0]
@@ -572,12 +582,17 @@ def _folder_lock(folder: str, *, exclusive: bool, wait_s: float = 1.0) -> Iterat
     neither. Yields whether the lock is held (False: the folder cannot be locked, or the
     wait ran out; a scrape goes on without it)."""
     try:
-        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(os.path.join(folder, LOCK_NAME),
+                     os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError:  # (a link planted there among them: never followed)
         yield False
         return
     info = os.fstat(fd)
-    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device planted there: not a lock
+        os.close(fd)
+        yield False
+        return
+    if info.st_uid == os.geteuid():
         with contextlib.suppress(OSError):  # made by the master: the workers must open it too
             os.fchmod(fd, 0o644)
     try:

@@ -557,5 +557,7 @@ def test_ui_url_refuses_what_the_gateway_would_refuse() -> None:
 
     backend = build_backend(config_from_mapping(config_for("http://127.0.0.1:9")).active)
     assert "path=/a" in backend.ui_url(EXT, HASH, "/a" * 1000)
-    with pytest.raises(ValueError, match="over the"):
+    with pytest.raises(ValueError, match="longer than the gateway takes"):
         backend.ui_url(EXT, HASH, "/a" * MAX_QUERY)
+    with pytest.raises(ValueError, match="longer than the gateway takes"):
+        backend.ui_url("e" * 2100, HASH)  # the path this time

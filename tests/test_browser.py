@@ -325,3 +325,27 @@ def test_the_bridge_alone_relays_nothing_when_another_site_is_an_ancestor(
             text = driver.find_element(By.ID, "result").text  # type: ignore[attr-defined]
         assert posts == [], posts
         assert "status" not in text, text
+
+
+SAME_ORIGIN_EXTENSION = """<!doctype html><script>
+parent.postMessage({type: "runner_mw.execute", id: "1", http: {method: "GET", path: "/hello"}}, "*");
+</script>"""
+
+
+def test_the_bridge_relays_when_every_ancestor_is_of_its_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A srcdoc frame of the host's own page has the host's origin but a location.origin of
+    # "null": compared by location, the guard refused a layout that was all the host's.
+    reason = browser_missing()
+    if reason:
+        missing(reason)
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    posts: list[bytes] = []
+    pages = {"/host.html": UNGUARDED_HOST, "/ext.html": SAME_ORIGIN_EXTENSION, "/runner-bridge.js": BRIDGE,
+             "/top.html": """<!doctype html><iframe srcdoc='<iframe src="/host.html"></iframe>'></iframe>"""}
+    with tempfile.TemporaryDirectory(prefix="rmw-") as tmp, another_site(pages, "127.0.0.1", posts) as host, \
+            chromium(Path(tmp) / "profile") as driver:
+        driver.get(f"{host}/top.html")  # type: ignore[attr-defined]
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and not posts:
+            time.sleep(0.2)
+        assert len(posts) == 1, "the bridge relayed nothing in a layout all of its own origin"

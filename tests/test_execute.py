@@ -753,3 +753,23 @@ def test_strict_json_reads_every_encoding_json_loads_reads(codec: str, text: str
             strict_json(data)
         return
     assert strict_json(data) == expected
+
+
+@pytest.mark.parametrize("levels", [1, 2, 253, 254, 255, 256, 300])
+@pytest.mark.parametrize("kind", [list, dict])
+def test_the_depth_walk_agrees_with_orjson(levels: int, kind: type) -> None:
+    # At exactly orjson's limit the walk said "not too deep": a 255-level body still went
+    # through the slow fallbacks and on to the runner.
+    import orjson
+
+    from runner_mw.execute import _too_deep
+
+    doc: Any = "leaf"
+    for _ in range(levels):
+        doc = [doc] if kind is list else {"k": doc}
+    try:
+        orjson.dumps(doc)
+        refused = False
+    except TypeError:
+        refused = True
+    assert _too_deep(doc) is refused

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -896,3 +897,45 @@ def test_the_fold_follows_no_link_planted_in_the_workers_folder(tmp_path: Path) 
     assert (folder / "counter_88.db").exists()
     assert private.read_bytes() == b"secret" and private.stat().st_mode & 0o777 == 0o600
     assert not [p for p in folder.iterdir() if p.name.endswith(".new")]
+
+
+def test_what_a_worker_plants_cannot_stall_or_swell_the_master(tmp_path: Path) -> None:
+    # A FIFO blocked the master's open (it stops reaping); a sparse 1 GiB file was read
+    # whole (1 GB of RSS); a file made but never sized stopped the fold for good; a crash's
+    # temporary file stayed.
+    from runner_mw import metrics
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    os.mkfifo(folder / "counter_archive.db")
+    _value_file(folder / "counter_5.db", {"asset": 1.0})
+    done = threading.Event()
+
+    def fold() -> None:
+        with contextlib.suppress(OSError):
+            metrics._fold(str(folder), 5)
+        done.set()
+
+    threading.Thread(target=fold, daemon=True).start()
+    assert done.wait(T), "the fold blocked on a FIFO"
+    (folder / "counter_archive.db").unlink()
+    (folder / metrics.LOCK_NAME).unlink()
+    os.mkfifo(folder / metrics.LOCK_NAME)
+    done.clear()
+    threading.Thread(target=fold, daemon=True).start()
+    assert done.wait(T), "the lock blocked on a FIFO"
+    (folder / metrics.LOCK_NAME).unlink()
+
+    sparse = folder / "counter_6.db"
+    with sparse.open("wb") as fh:
+        fh.write(struct.pack("i", 8) + bytes(4))
+        fh.truncate(1 << 30)  # 1 GiB, nothing on disk
+    (folder / "histogram_6.db").write_bytes(bytes(1 << 16))  # made, never sized: no values
+    (folder / ".fold-x.new").write_bytes(b"left by a crash")
+    metrics._fold(str(folder), 6)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".fold.lock", "counter_5.db", "counter_archive.db", "histogram_archive.db"]
+    huge = folder / "counter_7.db"
+    huge.write_bytes(struct.pack("i", metrics.MAX_VALUE_FILE + 8) + bytes(4))
+    with pytest.raises(ValueError):
+        metrics._fold(str(folder), 7)

@@ -20,11 +20,13 @@
     // embeds this page, and that frame may navigate the extension iframes below it too.
     try {
       for (var w = window; w !== window.top; w = w.parent) {
-        if (w.parent.location.origin !== window.location.origin) return true;
+        // window.origin, not location.origin: a srcdoc or about:blank frame of this page's
+        // origin has "null" as its location's.
+        if (w.parent.origin !== window.origin) return true;
       }
       return false;
     } catch (err) {
-      return true;  // reading a cross-origin frame's location throws
+      return true;  // reading a cross-origin frame's origin throws
     }
   }
   if (framedByAnotherOrigin()) {

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
 
-from runner_mw.paths import MAX_QUERY
+from runner_mw.paths import MAX_PATH, MAX_QUERY
 
 if TYPE_CHECKING:
     from runner_mw.config import BackendSettings
@@ -132,11 +132,11 @@ class RunnerBackend(abc.ABC):
             params["tenant"] = tenant
         params["extensionId"] = extension_id
         query = urlencode(params, quote_via=quote, safe="/")
-        if len(query) > MAX_QUERY:
-            raise ValueError(f"the iframe URL's query would be {len(query)} characters, "
-                             f"over the {MAX_QUERY} the gateway takes")
-        return f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}" \
-               f"/index.html?{query}"
+        path = f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}/index.html"
+        if len(query) > MAX_QUERY or len(path) > MAX_PATH:
+            raise ValueError(f"the iframe URL would be longer than the gateway takes "
+                             f"(path {len(path)} of {MAX_PATH}, query {len(query)} of {MAX_QUERY})")
+        return f"{path}?{query}"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release pooled connections. Called once, after the last in-flight request."""
