@@ -8,6 +8,7 @@ and streams the reply back chunk by chunk (memory stays flat for a 256 MB asset)
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -75,12 +76,17 @@ class StreamedBody:
             for chunk in self._upstream.chunks:
                 if chunk:
                     yield chunk
-        except Exception:  # an UpstreamError from ours; anything from a plugin's stream
-            # The runner broke off mid-body. Re-raising makes the server abort the
-            # connection: the client sees a broken transfer, never a short body that looks whole.
-            log.warning("upstream asset body broken off")
+        except Exception as exc:  # an UpstreamError from ours; anything from a plugin's stream
+            # The runner broke off mid-body. Raising makes the server abort the connection:
+            # the client sees a broken transfer, never a short body that looks whole. As a
+            # connection reset: gunicorn and werkzeug drop those quietly, where anything else
+            # is an ERROR with a traceback (one per runner restart mid-stream), said here once.
+            if isinstance(exc, UpstreamError):
+                log.warning("upstream asset body broken off")
+            else:
+                log.exception("backend stream failed mid-body (a plugin's bug?)")
             self._broken = True
-            raise
+            raise ConnectionResetError(errno.ECONNRESET, "the runner broke off the body") from exc
         self._complete = True
         self._finish()  # all handed out: the connection goes back now, whatever the server does
 

@@ -21,6 +21,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -604,6 +605,43 @@ def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
             assert got < total  # the server dropped it; the body never looked whole
         assert server.workers() == pids  # no worker died of it
         assert requests.get(server.base + ASSET, timeout=T).status_code == 200
+
+
+def test_a_runner_that_breaks_off_an_asset_is_a_warning_not_a_traceback(tmp_path: Path) -> None:
+    # Re-raised as runner_mw's BadGateway, gunicorn logged every cut (each runner restart
+    # mid-stream) as "[ERROR] Error handling request" with a traceback: alerts for nothing.
+    def cutting_runner(listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                             b"Content-Length: 1048576\r\n\r\n" + b"x" * 200_000)  # then gone
+
+    with socket.create_server((HOST, 0)) as listener:
+        threading.Thread(target=cutting_runner, args=(listener,), daemon=True).start()
+        file = tmp_path / "runner.yaml"
+        file.write_text(f"version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n"
+                        f"    url: http://{HOST}:{listener.getsockname()[1]}\n", encoding="utf-8")
+        with gunicorn(tmp_path, file) as server:
+            server.ready()
+            with socket.create_connection((HOST, server.port), timeout=T) as client:
+                client.sendall(b"GET /runner/ext-ui/x/h/file.bin HTTP/1.1\r\nHost: localhost\r\n"
+                               b"X-Request-Id: cut-1\r\n\r\n")
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := client.recv(65536):
+                        got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and len(got) < 1048576  # a broken transfer
+            wait_until(lambda: log_lines(server, r"status=502 .*request_id=cut-1\b"), what="the access line")
+            text = server.text()
+            assert "upstream asset body broken off" in text
+            assert "Traceback" not in text and "Error handling request" not in text, text[-3000:]
 
 
 def test_a_state_folder_removed_by_a_tmp_cleaner_is_published_again(
