@@ -561,3 +561,5 @@ def test_ui_url_refuses_what_the_gateway_would_refuse() -> None:
         backend.ui_url(EXT, HASH, "/a" * MAX_QUERY)
     with pytest.raises(ValueError, match="longer than the gateway takes"):
         backend.ui_url("e" * 2100, HASH)  # the path this time
+    # Measured as the route measures it (decoded bytes), not as written (percent-encoded).
+    assert "/ext-ui/" in backend.ui_url("\u00e9" * 400, HASH)

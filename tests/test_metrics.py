@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import resource
 import signal
 import struct
 import subprocess
@@ -927,14 +928,17 @@ def test_what_a_worker_plants_cannot_stall_or_swell_the_master(tmp_path: Path) -
     (folder / metrics.LOCK_NAME).unlink()
 
     sparse = folder / "counter_6.db"
-    with sparse.open("wb") as fh:
-        fh.write(struct.pack("i", 8) + bytes(4))
-        fh.truncate(1 << 30)  # 1 GiB, nothing on disk
+    _value_file(sparse, {"asset": 4.0})  # one real value, then 1 GiB with nothing on disk
+    with sparse.open("r+b") as fh:
+        fh.truncate(1 << 30)
     (folder / "histogram_6.db").write_bytes(bytes(1 << 16))  # made, never sized: no values
     (folder / ".fold-x.new").write_bytes(b"left by a crash")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     metrics._fold(str(folder), 6)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024  # not 1 GiB read
     assert sorted(p.name for p in folder.iterdir()) == [
         ".fold.lock", "counter_5.db", "counter_archive.db", "histogram_archive.db"]
+    assert _values(folder / "counter_archive.db") == {"asset": 4.0}
     huge = folder / "counter_7.db"
     huge.write_bytes(struct.pack("i", metrics.MAX_VALUE_FILE + 8) + bytes(4))
     with pytest.raises(ValueError):

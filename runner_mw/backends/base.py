@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from runner_mw.paths import MAX_PATH, MAX_QUERY
 
@@ -132,11 +132,13 @@ class RunnerBackend(abc.ABC):
             params["tenant"] = tenant
         params["extensionId"] = extension_id
         query = urlencode(params, quote_via=quote, safe="/")
-        path = f"{base}/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}/index.html"
-        if len(query) > MAX_QUERY or len(path) > MAX_PATH:
+        tail = f"/ext-ui/{quote(extension_id, safe='')}/{quote(content_hash, safe='')}/index.html"
+        # As the gateway's route measures it: the decoded PATH_INFO, /runner/... (its bytes).
+        routed = len("/runner") + len(unquote_to_bytes(tail))
+        if len(query) > MAX_QUERY or routed > MAX_PATH:
             raise ValueError(f"the iframe URL would be longer than the gateway takes "
-                             f"(path {len(path)} of {MAX_PATH}, query {len(query)} of {MAX_QUERY})")
-        return f"{path}?{query}"
+                             f"(path {routed} of {MAX_PATH}, query {len(query)} of {MAX_QUERY})")
+        return f"{base}{tail}?{query}"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release pooled connections. Called once, after the last in-flight request."""
