@@ -99,6 +99,7 @@ def _secrets_of_request() -> tuple[str, ...]:
 #: How many configs' secrets ``Redactor.remember`` keeps (the current one included).
 KEEP_CONFIGS = 4
 
+
 def _usable(secrets: set[str]) -> frozenset[str]:
     return frozenset(s for s in secrets if s and len(s) >= 4)  # shorter would garble every line
 
