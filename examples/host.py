@@ -7,7 +7,8 @@ what a host app needs around ``RunnerMiddleware``:
   tenant's code runs, for which user, and only for an extension that tenant installed;
 - ``page`` renders the host page: the extension UI in ``<iframe sandbox="allow-scripts">``
   (an opaque origin: it cannot read the host's cookies nor call its APIs as the user) and
-  ``static/runner-bridge.js``, which relays the frame's calls to ``/v1/execute``.
+  ``static/runner-bridge.js``, which relays the frame's calls to ``/v1/execute``; send it
+  with ``PAGE_HEADERS`` (no framing by another site, whose page could take the iframe's place).
 """
 
 from __future__ import annotations

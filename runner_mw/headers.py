@@ -5,7 +5,8 @@ Use ``request_headers`` to build what is sent upstream from a WSGI environ and
 The rules (design doc, "Security rules"): drop the headers named in
 ``Connection`` first, then the hop-by-hop ones, then add ours; never forward the
 client's ``Authorization``, cookies or a client-supplied service token; keep each
-``Set-Cookie`` separate (assets drop them all: the UI runs on the host's origin).
+``Set-Cookie`` separate (assets drop them all: the UI runs on the host's origin, and so
+do the headers that would act on that whole origin, ``ORIGIN_WIDE``).
 """
 
 from __future__ import annotations

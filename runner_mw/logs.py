@@ -4,13 +4,14 @@ Use ``setup_logging(config)`` (the middleware calls it): it adds a redacting
 filter to runner_mw's loggers, and a stderr handler (text or JSON lines, per
 ``logging.format``) only when the host has configured no logging at all, so a
 host app's own logging setup is never overridden. Every secret the gateway
-knows (tokens, service tokens), and anything shaped like a bearer token, cookie
-or service-token header (``name: value`` lines, ``{'name': 'value'}`` reprs,
+knows (tokens, service tokens of the last ``KEEP_CONFIGS`` configs and of every
+snapshot still serving), and anything shaped like a bearer token, cookie or
+service-token header (``name: value`` lines, ``{'name': 'value'}`` reprs,
 ``HTTP_COOKIE``-style environ keys), is replaced by ``***`` in every record:
 message, arguments, exception text and stack. ``bind_request(environ)`` adds the
-credentials of the request being handled on this thread (its Authorization,
-cookies, a client's service token), so that an exception quoting one of them
-(a host hook's, say) is redacted too.
+credentials of the request being handled on this thread (its Authorization, its
+first ``MAX_COOKIES`` cookies and the whole Cookie header, a client's service
+token), so that an exception quoting one of them (a host hook's, say) is redacted too.
 """
 
 from __future__ import annotations

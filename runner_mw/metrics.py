@@ -5,8 +5,9 @@ then on unless ``metrics.enabled: false``. Under gunicorn with several workers, 
 hooks of ``runner_mw.gunicorn`` call ``setup_multiprocess`` in the master (a private
 temporary folder in ``PROMETHEUS_MULTIPROC_DIR``, removed at exit) and
 ``worker_exited`` when a worker dies (its live gauges disappear, its counters, histograms
-and max gauges are folded into one file of each kind, so recycled workers leave no files
-behind): every worker then answers with the totals of all of them. An operator's own
+and max gauges are folded into one ``*_archive.db`` file of each kind, so recycled workers
+leave no such files behind; a host's gauges of other modes keep theirs): every worker then
+answers with the totals of all of them. An operator's own
 ``PROMETHEUS_MULTIPROC_DIR`` is used as is (and never removed).
 
 Metrics (all prefixed ``runner_mw_``): ``requests_total{route,backend,status}`` (route

@@ -5,7 +5,8 @@ sent upstream. Servers percent-decode ``PATH_INFO``, so encoded dots and slashes
 are only visible in the raw request URI (``RAW_URI`` in gunicorn and werkzeug,
 ``REQUEST_URI`` in waitress): the raw form is checked when the server gives it,
 the decoded form always, and the upstream path is re-encoded strictly from the
-decoded segments. Anything ambiguous is refused (400), never "cleaned up".
+decoded segments. Anything ambiguous is refused (400), never "cleaned up", and so
+is a target too long to be an asset's (``MAX_PATH``, ``MAX_SEGMENTS``, ``MAX_QUERY``).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class RunnerBackend(abc.ABC):
 
         A relative ``public_base`` (``/runner``) is prefixed with ``script_name``
         (the host app's mount point). Raises ``ValueError`` for a bad hash, or for a URL
-        the gateway's own route would refuse as too long (``paths.MAX_QUERY``).
+        the gateway's own route would refuse as too long (``paths.MAX_PATH``, ``MAX_QUERY``).
         """
         if not CONTENT_HASH.fullmatch(content_hash or ""):
             raise ValueError("content_hash must be 'sha256:' followed by 64 hex digits")

@@ -84,7 +84,8 @@ def trial_build(config: Config) -> None:
     constructor finds (a plugin's own checks) before anyone relies on the config: the
     gunicorn master before it publishes a file, ``runner-mw check`` and ``reload``. Raises
     ``ConfigError`` naming the entry, the constructor's text redacted (it may quote a
-    secret). Nothing is opened (pools open lazily); a ``close()`` that raises is a warning,
+    secret). The built-in kinds open nothing (pools open lazily; a plugin's constructor is its
+    own business); a ``close()`` that raises is a warning,
     not a failure: close is for a backend that served, and the file is fine."""
     from runner_mw.errors import ConfigError, ConfigIssue
     from runner_mw.logs import redacted

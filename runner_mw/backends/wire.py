@@ -4,11 +4,13 @@ Use it only through ``runner_mw.backends.http.HTTPBackend``. The reply is parsed
 httptools, the Python binding of llhttp (Node.js's HTTP parser), in its strict mode:
 it refuses Content-Length together with Transfer-Encoding, duplicate or signed
 Content-Length, obs-fold, bare LF, control characters and chunk-size overflow. This
-module adds only what the runner contract needs on top: one ``sendall`` per request,
-limits on the reply head, ``chunked`` as the only transfer coding, the deadline of
-every ``recv``, and a connection kept only when its reply was read exactly to its
-end. No redirects, no cookies, no proxies, no decoding of the body; the target is
-sent as given (already canonical and strictly encoded by ``runner_mw.paths``).
+module adds only what the runner contract needs on top: one ``sendall`` per request
+(and, when it fails, the reply that may already have come: a 413 from the head alone),
+limits on the reply head and on framing without body (trailers, chunk extensions),
+``chunked`` as the only transfer coding, the deadline of every ``recv``, and a connection
+kept only when its reply was read exactly to its end. No redirects, no cookies, no proxies,
+no decoding of the body; the target is sent as given (already canonical and strictly
+encoded by ``runner_mw.paths``).
 
 Why not urllib3 or http.client: measured against nginx on loopback (``bench/run``,
 docs/benchmarks.md), a keep-alive GET costs about 300 us through urllib3, 140 us
