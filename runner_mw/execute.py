@@ -53,8 +53,24 @@ def _no_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
 
 
+# orjson reads an integer beyond 64 bits as a float (another value); every such number has
+# 19 digits or more in a row. The digits made nines, one search: about 1 us for 1 KB.
+_NINES = bytes.maketrans(b"0123456789", b"9999999999")
+_LONG_NUMBER = b"9" * 19
+
+
 def strict_json(data: bytes) -> Any:
-    """``json.loads(data)``, but NaN and infinite numbers raise ``ValueError``."""
+    """``json.loads(data)``, but NaN and infinite numbers raise ``ValueError``.
+
+    orjson reads it when it can (a 1 KB envelope in a third of the time); what orjson
+    refuses (lone surrogates, UTF-16, a BOM, NaN, nesting past its limit, bad JSON) and every
+    body with a 19-digit run goes to the standard library, which decides: the same value
+    either way, and the same error."""
+    if _LONG_NUMBER not in data.translate(_NINES):
+        try:
+            return orjson.loads(data)
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+            pass
     # An object whose second byte is not NUL is UTF-8 by json.detect_encoding's own rules
     # (no BOM starts with "{", and only NULs tell UTF-16 or -32): that check, 1 us, skipped.
     utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
@@ -270,7 +286,8 @@ def _read(stream: Any, size: int) -> bytes:
 
 
 # How "e", "r" and "o" can be written as JSON escapes: the only ways, in UTF-8, to spell
-# "error" other than plainly (the reply's other escapes leave it byte for byte).
+# "error" other than plainly (the reply's other escapes leave it byte for byte). All start
+# with "\\u00": a reply without one is cleared by a single search.
 _ERROR_LETTER_ESCAPES = (b"\\u0065", b"\\u0072", b"\\u006f", b"\\u006F")
 
 
@@ -296,11 +313,14 @@ def _map_reply(status: int, body: bytes, expose_errors: bool) -> tuple[int, byte
     # keep both), spelled with escapes of its letters, or in an encoding other than UTF-8
     # (where these byte tests see nothing). Else the reply is written anew from what was parsed.
     if (code == err and body[:1] == b"{" and body[1:2] != b"\x00" and body.count(b'"error"') <= 1
-            and not any(escape in body for escape in _ERROR_LETTER_ESCAPES)):
+            and (b"\\u00" not in body or not any(escape in body for escape in _ERROR_LETTER_ESCAPES))):
         return 200, body
     if "error" in reply:
         reply["error"] = code
-    return 200, compact_json(reply)
+    try:
+        return 200, compact_json(reply)
+    except RecursionError:  # nested past what either encoder writes (orjson reads 1 024 levels)
+        raise _Refused(502, "bad_gateway") from None
 
 
 # What an error code looks like ("execute_failed", "missing_routing_headers"); anything else

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import socket
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mwfixtures import (
     EXT,
     HASH,
@@ -493,6 +496,26 @@ def test_runner_error_text_cannot_hide_in_the_replys_bytes(gateway: Gateway, rep
     assert resp.json()["status"] == 500
 
 
+def test_a_reply_nested_to_the_parsers_limit_is_a_502_never_a_500(gateway: Gateway) -> None:
+    # A reply with error text is written again without it; nested nearly as deep as the
+    # parser takes, writing it raised RecursionError (orjson writes 255 levels at most, the
+    # standard library needs more frames than the parse): a 500 and a traceback per request.
+    def post(depth: int, error: str | None) -> requests.Response:
+        reply = (b'{"status":500,"error":' + json.dumps(error).encode() + b',"x":'
+                 + b"[" * depth + b"]" * depth + b"}")
+        gateway.runner.respond("/v1/execute", 200, [("Content-Type", "application/json")], reply)
+        return gateway.execute()
+
+    low, high = 300, 100_000  # read at 300; not at 100 000: find the first depth that is not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if post(middle, None).status_code == 200 else (low, middle)
+    for depth in [*range(250, 260), *range(high - 12, high + 2)]:
+        resp = post(depth, "execute_failed: /var/lib/runner/secret.wasm trap")
+        assert resp.status_code in (200, 502), (depth, resp.status_code)
+        assert "/var/lib" not in resp.text
+
+
 @pytest.mark.parametrize("error", ["Not found", "validation failed", "", "500"])
 def test_an_extensions_own_error_passes_as_it_came(gateway: Gateway, error: str) -> None:
     # The runner passes the extension's own error through: its UI's to show, not runner text.
@@ -753,6 +776,70 @@ def test_strict_json_reads_every_encoding_json_loads_reads(codec: str, text: str
             strict_json(data)
         return
     assert strict_json(data) == expected
+
+
+def _stdlib_json(data: bytes) -> Any:
+    """What strict_json was before orjson read for it: the reference it must agree with."""
+    from runner_mw import execute
+
+    text = data.decode(json.detect_encoding(data), "surrogatepass")
+    return execute._DECODER.decode(text)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 == 1.0 and 0.0 == -0.0 are not)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return bool(a == b)
+
+
+def _outcome(read: Any, data: bytes) -> tuple[str, Any]:
+    try:
+        return "value", read(data)
+    except RecursionError:
+        return "error", "RecursionError"
+    except UnicodeDecodeError:
+        return "error", "UnicodeDecodeError"
+    except ValueError as exc:  # _NonFinite, or not JSON
+        return "error", type(exc).__name__ if type(exc).__name__ == "_NonFinite" else "ValueError"
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(min_value=-(2**70), max_value=2**70) | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**18])
+    | st.text(st.characters(codec="utf-8") | st.sampled_from(["\ud800", "\udfff", "\u2028", "\x00"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_JSON_VALUES, ascii_only=st.booleans(), cut=st.integers(min_value=0, max_value=40),
+       insert=st.sampled_from([b"", b"NaN", b"1e400", b"-Infinity", b"\xed\xa0\x80", b"\xff", b",", b"0" * 20,
+                               "\ufeff".encode(), b'"\\ud800"', b"\t"]))
+def test_strict_json_reads_what_the_standard_library_reads(value: Any, ascii_only: bool, cut: int,
+                                                           insert: bytes) -> None:
+    # orjson reads for it where it can: every body must read to the same value (types
+    # included: an integer beyond 64 bits must never become a float), or fail the same way.
+    data = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    for body in (data, data[:cut] + insert + data[cut:], insert + data):
+        expected, got = _outcome(_stdlib_json, body), _outcome(strict_json, body)
+        if expected[0] == "value":
+            assert got[0] == "value" and _same(got[1], expected[1]), (body, got, expected)
+        else:
+            assert got == expected, body
+
+
+def test_strict_json_reads_long_numbers_exactly() -> None:
+    for text in ("18446744073709551616", "-9223372036854775809", "123456789012345678901234567890",
+                 "9223372036854775808", "-9223372036854775808", "18446744073709551615", "999999999999999999"):
+        for body in (text.encode(), b'{"n":' + text.encode() + b"}", b"[" + text.encode() + b".5]"):
+            assert _same(strict_json(body), _stdlib_json(body)), body
 
 
 @pytest.mark.parametrize("levels", [1, 2, 253, 254, 255, 256, 300])
