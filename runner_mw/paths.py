@@ -64,7 +64,7 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
         # Each segment is checked in Python: a 64 KB target of "/" cost 38 ms, a 64 KB query
         # re-encoded 28 ms, before any access check (werkzeug and waitress take that much).
         raise InvalidPath("request target too long")
-    if _has_bad_char(path_info):
+    if has_bad_char(path_info):
         raise InvalidPath("forbidden character in path")
     decoded = path_info.split("/")[1:]
     raw = raw_path(environ)
@@ -74,7 +74,7 @@ def canonical_tail(environ: Mapping[str, Any], path_info: str, skip: int) -> lis
         # Both escape patterns start with '%'.
         if "%" in raw and (_BAD_ESCAPE.search(raw) or _MALFORMED_ESCAPE.search(raw)):
             raise InvalidPath("encoded separator, dot, percent or control character")
-        if (raw != path_info and _has_bad_char(raw)) or " " in raw:
+        if (raw != path_info and has_bad_char(raw)) or " " in raw:
             # A space arrives percent-encoded; a literal one in the request target means a
             # server that split nothing where it should have: refused.
             raise InvalidPath("forbidden character in raw path")
@@ -126,9 +126,10 @@ def _decoded(text: str) -> str:
     return unquote_to_bytes(text.encode("latin-1", "replace")).decode("latin-1")
 
 
-def _has_bad_char(text: str) -> bool:
-    """Whether ``text`` has a character of ``_BAD_CHAR``: for printable ASCII (nearly every
-    path) two substring tests, ten times faster than the regex; the regex for the rest."""
+def has_bad_char(text: str) -> bool:
+    """Whether ``text`` has a character refused anywhere in a path (``_BAD_CHAR``: backslash,
+    ``;``, a control character): for printable ASCII (nearly every path) two substring
+    tests, ten times faster than the regex; the regex for the rest."""
     if text.isascii() and text.isprintable():
         return "\\" in text or ";" in text
     return _BAD_CHAR.search(text) is not None

@@ -427,3 +427,103 @@ def test_access_log_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None:
         assert gw.get("/runner/").status_code == 404
         assert gw.execute().status_code == 200
     assert access_lines(caplog) == []
+
+
+# -- the README's recipes: the host's session in execute_hook ------------------------------------
+
+
+def flask_app_with_session_hook() -> tuple[Any, Any]:
+    """The README's Flask recipe: the hook opens the app's request context on the environ."""
+    from flask import Flask, session
+
+    app = Flask("hook_flask_app")
+    app.secret_key = "test-only-key"
+
+    @app.get("/login")
+    def login() -> str:
+        session["tenant"] = "tenant-from-session"
+        return "ok"
+
+    def bind_to_caller(environ: dict[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
+        with app.request_context(environ):  # no request context of Flask's is open here
+            tenant = session.get("tenant")
+        if tenant is None:
+            raise PermissionError
+        envelope["context"]["tenant_id"] = tenant
+        return envelope
+
+    return app, bind_to_caller
+
+
+def pyramid_app_with_session_hook() -> tuple[Any, Any]:
+    """The README's Pyramid recipe: a Request made on the environ, given the app's registry."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # webob imports cgi on Python 3.11+
+        from pyramid.config import Configurator
+        from pyramid.request import Request
+        from pyramid.response import Response
+        from pyramid.session import SignedCookieSessionFactory
+
+    def login(request: Any) -> Any:
+        request.session["tenant"] = "tenant-from-session"
+        return Response("ok")
+
+    with Configurator(session_factory=SignedCookieSessionFactory("test-only-key")) as config:
+        config.add_route("login", "/login")
+        config.add_view(login, route_name="login")
+        app = config.make_wsgi_app()
+
+    def bind_to_caller(environ: dict[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
+        request = Request(environ)  # no request of Pyramid's exists yet
+        request.registry = app.registry
+        tenant = request.session.get("tenant")
+        if tenant is None:
+            raise PermissionError
+        envelope["context"]["tenant_id"] = tenant
+        return envelope
+
+    return app, bind_to_caller
+
+
+@pytest.mark.parametrize("make", [flask_app_with_session_hook, pyramid_app_with_session_hook],
+                         ids=["flask", "pyramid"])
+def test_the_readmes_session_recipes_bind_the_call_to_the_session(make: Any) -> None:
+    # The hook runs before the framework sees the request: Flask's `session` alone raises
+    # "Working outside of request context" (a 500 on every call). The recipes work.
+    app, hook = make()
+    with StandinRunner() as runner:
+        mw = RunnerMiddleware(app, config_for(runner.url), reload_signal=False, execute_hook=hook)
+        try:
+            with serve_wsgi(mw) as served:
+                body = json.dumps(envelope()).encode()
+                headers = {"Content-Type": "application/json"}
+                assert send("POST", served.url + "/v1/execute", data=body, headers=headers).status_code == 403
+                login = send("GET", served.url + "/login")
+                assert login.status_code == 200
+                cookie = login.headers["Set-Cookie"].split(";", 1)[0]
+                resp = send("POST", served.url + "/v1/execute", data=body,
+                            headers={**headers, "Cookie": cookie})
+                assert resp.status_code == 200, resp.text
+                assert runner.received[-1].headers["x-alga-tenant"] == "tenant-from-session"
+        finally:
+            mw.close()
+
+
+def test_proxyfix_around_the_middleware_gives_iframe_urls_the_proxys_prefix() -> None:
+    # The README's order: ProxyFix outside, so the middleware is called with the prefix the
+    # proxy stripped (inside, ui_url was bound to SCRIPT_NAME before ProxyFix set it).
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    seen: list[dict[str, Any]] = []
+    app = flask_app(seen)
+    with StandinRunner() as runner:
+        mw = RunnerMiddleware(app, config_for(runner.url), reload_signal=False)
+        try:
+            with serve_wsgi(ProxyFix(mw, x_prefix=1)) as served:
+                resp = send("GET", served.url + "/page", headers={"X-Forwarded-Prefix": "/app"})
+                assert resp.json()["ui_url"].startswith("/app/runner/ext-ui/")
+                asset = send("GET", served.url + resp.json()["ui_url"].removeprefix("/app"),
+                             headers={"X-Forwarded-Prefix": "/app"})
+                assert asset.status_code == 200
+        finally:
+            mw.close()

@@ -13,9 +13,13 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, unquote_to_bytes, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
 
-from runner_mw.paths import MAX_PATH, MAX_QUERY
+from runner_mw.paths import MAX_PATH, MAX_QUERY, has_bad_char
+
+#: The longest request target ``ui_url`` builds: gunicorn's default ``limit_request_line`` is
+#: 4 094 for the whole line ("GET ", the target, " HTTP/1.1"), and longer is a 414 there.
+MAX_TARGET = 4000
 
 if TYPE_CHECKING:
     from runner_mw.config import BackendSettings
@@ -117,13 +121,21 @@ class RunnerBackend(abc.ABC):
         """The iframe URL of an extension's UI, in the reference gateway's shape.
 
         A relative ``public_base`` (``/runner``) is prefixed with ``script_name``
-        (the host app's mount point). Raises ``ValueError`` for a bad hash, or for a URL
-        the gateway's own route would refuse as too long (``paths.MAX_PATH``, ``MAX_QUERY``).
+        (the host app's mount point). Raises ``ValueError`` for a bad hash, for an extension
+        id the gateway's route would refuse in a path (``/``, ``%``, ``;``, ``\\``, a control
+        character, ``.`` or ``..``), or for a URL longer than the route takes
+        (``paths.MAX_PATH``, ``MAX_QUERY``) or than gunicorn reads by default (``MAX_TARGET``).
         """
         if not CONTENT_HASH.fullmatch(content_hash or ""):
             raise ValueError("content_hash must be 'sha256:' followed by 64 hex digits")
         if not extension_id:
             raise ValueError("extension_id must not be empty")
+        if (extension_id in (".", "..") or "/" in extension_id or "%" in extension_id
+                or has_bad_char(extension_id)):
+            # Encoded, they are escapes the route refuses (%2F, %25, %3B, %5C, %00-%1F); a dot
+            # segment the browser itself resolves away.
+            raise ValueError("extension_id has a character the gateway refuses in a path "
+                             "(/ % ; \\ or a control character), or is . or ..")
         base = self.settings.public_base.rstrip("/")
         if base.startswith("/"):
             base = script_path(script_name) + base
@@ -138,7 +150,12 @@ class RunnerBackend(abc.ABC):
         if len(query) > MAX_QUERY or routed > MAX_PATH:
             raise ValueError(f"the iframe URL would be longer than the gateway takes "
                              f"(path {routed} of {MAX_PATH}, query {len(query)} of {MAX_QUERY})")
-        return f"{base}{tail}?{query}"
+        url = f"{base}{tail}?{query}"
+        target = len(url) - len(base) + len(urlsplit(base).path)  # what the browser's GET line holds
+        if target > MAX_TARGET:
+            raise ValueError(f"the iframe URL would be longer than a server reads by default "
+                             f"(request target {target} of {MAX_TARGET} characters)")
+        return url
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release pooled connections. Called once, after the last in-flight request."""
