@@ -19,6 +19,7 @@ TEST_REQUIRES = [
     "pyramid>=2.0",
     "pastedeploy>=3",
     "waitress>=3",
+    "gevent>=24.2",  # gunicorn's -k gevent: green sockets (tests/test_gunicorn.py)
     "hypothesis>=6.100",
     "selenium>=4.20",
     "prometheus-client>=0.20",

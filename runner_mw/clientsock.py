@@ -14,6 +14,7 @@ nothing, and a buffering proxy in front (the README's Deploy section) is the ans
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import fcntl
@@ -40,10 +41,12 @@ def bound_sends(environ: dict[str, Any], seconds: float) -> Callable[[], None] |
     http1 = str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1")
     if not (http1 and isinstance(sock, socket.socket)):
         return None
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, ssl.SSLSocket) or not isinstance(sock, _socket.socket):
         # TLS (gunicorn's certfile): a blocking SSL write retries the kernel's EAGAIN by itself
         # (OpenSSL's WANT_WRITE), so SO_SNDTIMEO never ends it, and Python's own timeout bounds
         # a whole write waiting for a third of the send buffer (it would cut a slow reader).
+        # A green socket (gevent, eventlet: socket.socket is theirs once patched) is
+        # non-blocking underneath and waits in its hub, where SO_SNDTIMEO is never seen.
         return _watchdog.watch(sock, seconds)
     try:
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_BYTES)
@@ -97,14 +100,23 @@ class _Watchdog:
         if _progress(sock) is None:
             return None
         entry = _Watched(sock, seconds, time.monotonic())
+        start = None
         with self._cond:
             if self._thread is None or self._pid != os.getpid():  # none yet, or forked
-                self._thread = threading.Thread(target=self._run, name="runner_mw-send-deadline",
-                                                daemon=True)
+                start = self._thread = threading.Thread(target=self._run, name="runner_mw-send-deadline",
+                                                        daemon=True)
                 self._pid = os.getpid()
-                self._thread.start()
             self._watched[id(entry)] = entry
             self._cond.notify()
+        if start is not None:  # outside the lock (see logs._start_writer)
+            try:
+                start.start()
+            except RuntimeError:  # no thread now: no deadline for this body, the next tries again
+                with self._cond:
+                    self._watched.pop(id(entry), None)
+                    if self._thread is start:
+                        self._thread = None
+                return None
 
         def restore() -> None:
             with self._cond:

@@ -440,10 +440,11 @@ class _Poller:
         self._last_problem = ""
 
     def start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="runner_mw-reload", daemon=True)
-                self._thread.start()
+        with self._lock:  # claimed here, started outside it (see logs._start_writer)
+            if self._thread is not None:
+                return
+            thread = self._thread = threading.Thread(target=self._run, name="runner_mw-reload", daemon=True)
+        thread.start()
 
     def _run(self) -> None:
         while True:

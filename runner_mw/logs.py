@@ -272,15 +272,19 @@ _writer_lock = threading.Lock()
 
 def _start_writer() -> None:
     global _writer_started
+    # Claimed under the lock, started outside it: under gevent or eventlet, start() yields to
+    # the other green threads, and one of them logging would block the whole worker on a lock
+    # made before the monkey-patching (a real one), held by a green thread that cannot run.
     with _writer_lock:
         if _writer_started:
             return
-        try:
-            threading.Thread(target=_write_every, name="runner_mw-access-log", daemon=True).start()
-        except RuntimeError:  # no thread now (at exit, a thread limit): write at once
-            write_queued()
-            return
         _writer_started = True
+    try:
+        threading.Thread(target=_write_every, name="runner_mw-access-log", daemon=True).start()
+    except RuntimeError:  # no thread now (at exit, a thread limit): write at once
+        with _writer_lock:
+            _writer_started = False
+        write_queued()
 
 
 def _write_every() -> None:

@@ -138,19 +138,17 @@ class _Metrics:
         """Start this process's flusher. Where no thread can be started (a process or
         thread limit), write now instead: the next request tries again."""
         pending = self.pending
-        with pending.lock:
+        with pending.lock:  # claimed here, started outside it (see logs._start_writer)
             if pending.flusher is not None:
                 return
-            thread = threading.Thread(target=self._flush_every, args=(pending,),
-                                      name="runner_mw-metrics", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:
-                pass
-            else:
-                pending.flusher = thread
-                return
-        self.flush()
+            thread = pending.flusher = threading.Thread(target=self._flush_every, args=(pending,),
+                                                        name="runner_mw-metrics", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            with pending.lock:
+                pending.flusher = None
+            self.flush()
 
     def _flush_every(self, pending: _Pending) -> None:
         while _metrics is self and pending is self.pending:  # else replaced: nothing to do

@@ -102,14 +102,16 @@ def install_handler() -> bool:
     """Install the SIGHUP handler; never raises (a warning is logged off the main thread)."""
     if not hasattr(signal, "SIGHUP"):
         return False
-    if threading.current_thread() is not threading.main_thread():
+    global _previous
+    try:
+        # The interpreter says whether this is the main thread (a ValueError if not): under
+        # eventlet's patched threading, current_thread() is never main_thread(), even there.
+        previous = signal.signal(signal.SIGHUP, _on_sighup)
+    except ValueError:
         log.warning("runner_mw: not on the main thread, SIGHUP reload not installed; "
                     "call middleware.reload() instead")
         return False
-    global _previous
-    try:
-        previous = signal.signal(signal.SIGHUP, _on_sighup)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
         log.warning("runner_mw: SIGHUP reload not installed: %s", exc)
         return False
     if previous is not _on_sighup:
@@ -123,11 +125,16 @@ def ensure_watcher() -> None:
     pid = os.getpid()
     if _watcher_pid == pid:
         return
-    with _start_lock:
+    with _start_lock:  # claimed here, started outside it (see logs._start_writer)
         if _watcher_pid == pid:
             return
-        threading.Thread(target=_watch, name="runner_mw-reload", daemon=True).start()
         _watcher_pid = pid
+    try:
+        threading.Thread(target=_watch, name="runner_mw-reload", daemon=True).start()
+    except BaseException:
+        with _start_lock:
+            _watcher_pid = 0
+        raise
 
 
 def _watch() -> None:

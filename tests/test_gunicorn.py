@@ -31,7 +31,7 @@ from typing import Any
 import mwfixtures
 import pytest
 import requests
-from standin import StandinRunner
+from standin import SilentRunner, StandinRunner
 from traffic import ASSET, BROKEN, CLOSE, T, Traffic, config_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ class Gunicorn:
     """One gunicorn master (and its workers) in a process group of its own."""
 
     def __init__(self, tmp_path: Path, config_file: Path, *, worker_class: str = "gthread",
-                 preload: bool = False, max_requests: int = 0) -> None:
+                 preload: bool = False, max_requests: int = 0, workers: int = 2) -> None:
         self.dir = tmp_path
         self.config_file = config_file
         self.port = free_port()
@@ -97,7 +97,7 @@ class Gunicorn:
         (tmp_path / "app_mod.py").write_text(APP_MODULE, encoding="utf-8")
         self.args = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "--bind", f"{HOST}:{self.port}",
                      # threads > 1 would turn "sync" into gthread
-                     "--workers", "2", "--worker-class", worker_class,
+                     "--workers", str(workers), "--worker-class", worker_class,
                      "--threads", "4" if worker_class == "gthread" else "1",
                      "--pid", str(self.pidfile), "--log-level", "info"]
         if preload:
@@ -574,7 +574,7 @@ def test_a_broken_file_at_the_first_start_fails_fast_and_clearly(
     assert list(server.tmpdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
         tmp_path: Path, runners: tuple[StandinRunner, StandinRunner], worker_class: str) -> None:
     # gunicorn writes to clients with no timeout: without runner_mw's send deadline this client
@@ -605,6 +605,67 @@ def test_a_client_that_stops_reading_a_streamed_asset_is_cut_after_read_ms(
             assert got < total  # the server dropped it; the body never looked whole
         assert server.workers() == pids  # no worker died of it
         assert requests.get(server.base + ASSET, timeout=T).status_code == 200
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
+def test_a_silent_runner_is_a_504_at_read_ms_under_each_worker_class(tmp_path: Path,
+                                                                     worker_class: str) -> None:
+    # A green socket (gevent, eventlet) is non-blocking underneath and waits in its hub: the
+    # kernel's receive timeout that bounds a plain socket was never seen there, and a runner
+    # that accepts and never answers held the call (and its pool slot) for good.
+    with SilentRunner() as runner:
+        file = tmp_path / "runner.yaml"
+        file.write_text(f"version: 1\nbackend: a\nbackends:\n  a:\n    kind: docker\n    url: {runner.url}\n"
+                        "timeouts:\n  connect_ms: 2000\n  read_ms: 1000\n", encoding="utf-8")
+        with gunicorn(tmp_path, file, worker_class=worker_class) as server:
+            for method, path in (("POST", "/v1/execute"), ("GET", ASSET)):
+                started = time.monotonic()
+                resp = requests.request(method, server.base + path, json=mwfixtures.envelope(),
+                                        headers=CLOSE, timeout=4 * T)
+                assert resp.status_code == 504 and resp.json()["error"] == "runner_timeout", resp.text
+                assert time.monotonic() - started < T, "cut at read_ms (1 s), not when the runner left"
+
+
+def test_access_lines_logged_at_once_do_not_freeze_a_gevent_worker(tmp_path: Path) -> None:
+    # A worker's first access lines, logged by two green threads at once: the first held a lock
+    # made before gevent patched threading (a real one) across Thread.start(), which yields to
+    # the hub; the second then blocked the whole worker on it, until gunicorn killed it.
+    with StandinRunner(name="a") as runner:
+        runner.respond("/ext-ui/slow/", 200, [("Content-Type", "text/css")], b"body{}", delay=1.0)
+        file = tmp_path / "runner.yaml"
+        file.write_text(config_text(runner) + "upstream:\n  pool_size: 4\n  pool_wait_ms: 500\n",
+                        encoding="utf-8")
+        server = Gunicorn(tmp_path, file, worker_class="gevent", workers=1)
+        server.start()
+        try:
+            # Ready when the worker answered the host app ("hello": no line of runner_mw's, so
+            # the burst below is its first runner_mw request).
+            seen: set[int] = set()
+
+            def answered() -> bool:
+                with contextlib.suppress(requests.RequestException):
+                    seen.add(requests.get(server.base + "/", headers=CLOSE, timeout=T).json()["pid"])
+                return len(seen) == 1
+
+            mwfixtures.wait_until(answered, what="the worker to answer")
+            statuses: list[int] = []
+
+            def get() -> None:
+                resp = requests.get(server.base + "/runner/ext-ui/slow/h/x.css", headers=CLOSE, timeout=4 * T)
+                statuses.append(resp.status_code)
+
+            clients = [threading.Thread(target=get) for _ in range(12)]
+            for client in clients:
+                client.start()
+            for client in clients:
+                client.join()
+            # The pool lets 4 through at a time; the others wait 0.5 s for a slot and get a 503
+            # together (their access lines at the same instant). None may go unanswered.
+            assert len(statuses) == 12 and set(statuses) <= {200, 503}, statuses
+            assert 200 in statuses
+            assert "WORKER TIMEOUT" not in server.text()
+        finally:
+            server.stop()
 
 
 def test_a_runner_that_breaks_off_an_asset_is_a_warning_not_a_traceback(tmp_path: Path) -> None:

@@ -209,6 +209,15 @@ def test_installing_off_the_main_thread_logs_a_warning_and_does_not_raise(
     result["mw"].close()
 
 
+def test_the_main_thread_is_the_interpreters_word_not_threadings(
+        monkeypatch: pytest.MonkeyPatch, sighup_restored: None) -> None:
+    # Under eventlet's patched threading, current_thread() is never main_thread(), even on the
+    # main thread: the handler was not installed, and the first HUP stopped the server.
+    monkeypatch.setattr(threading, "main_thread", lambda: object())
+    assert reload_mod.install_handler() is True
+    assert signal.getsignal(signal.SIGHUP) is reload_mod._on_sighup
+
+
 def test_reload_signal_false_is_not_reloaded_by_another_middlewares_sighup(
         tmp_path: Path, sighup_restored: None) -> None:
     # reload_signal=False means reload() by hand only, also when another middleware of the

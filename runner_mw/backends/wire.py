@@ -24,6 +24,7 @@ this process, safe to retry for any method), ``RunnerTimeout``, ``BadGateway`` a
 
 from __future__ import annotations
 
+import _socket
 import re
 import select
 import socket
@@ -64,11 +65,15 @@ class _Conn:
     """One connection, the timeouts last given to it (``_limit`` skips the syscall when
     the one in place already fits) and the bytes read from it (``dropped``)."""
 
-    __slots__ = ("plain", "received", "recv_s", "send_s", "sock")
+    __slots__ = ("kernel", "plain", "received", "recv_s", "send_s", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.plain = sock.gettimeout() is None  # plain TCP: the kernel's timeouts; TLS: ssl's
+        self.plain = sock.gettimeout() is None  # plain TCP (blocking), not TLS
+        # Timeouts by the kernel (SO_RCVTIMEO) for a plain blocking socket; Python's own for
+        # TLS, and for a green socket (gevent, eventlet: non-blocking underneath, waiting in
+        # its hub, where the kernel's timeouts are never seen: a silent runner held it forever).
+        self.kernel = self.plain and isinstance(sock, _socket.socket)
         self.recv_s = self.send_s = -1.0  # none set yet
         self.received = 0  # bytes recv() returned, for the TCP_INFO check
 
@@ -618,14 +623,14 @@ SLACK_S = 0.001
 def _limit(conn: _Conn, seconds: float, *, send: bool = False) -> None:
     """The longest any one recv (and with ``send``, send) on ``conn`` may wait."""
     keep_recv = seconds <= conn.recv_s <= seconds + SLACK_S
-    if conn.plain:
+    if conn.kernel:
         if not keep_recv:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             conn.recv_s = seconds
         if send and not seconds <= conn.send_s <= seconds + SLACK_S:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
             conn.send_s = seconds
-    elif not keep_recv:  # TLS: one Python timeout for both directions
+    elif not keep_recv:  # TLS or a green socket: one Python timeout for both directions
         conn.sock.settimeout(seconds)
         conn.recv_s = conn.send_s = seconds
 
