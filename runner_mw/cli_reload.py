@@ -58,6 +58,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if not hasattr(signal, "SIGHUP"):
         return _fail("this platform has no SIGHUP")
+    if _is_uwsgi(pid):
+        return _fail(f"process {pid} is uWSGI, whose SIGHUP restarts its workers (and without "
+                     f"--master stops the server): runner_mw reloads in place under gunicorn with "
+                     f"its hooks or in a single-process server; see the README's 'Other servers'")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -92,6 +96,16 @@ def _read_pid_file(file: str) -> int:
         # mistake (the secret file beside the pid file) must not be printed to a terminal.
         shown = f" ({text!r})" if len(text) <= 20 and text.lstrip("+-").isdigit() else ""
         raise ValueError(f"{file}: does not hold a process id{shown}") from None
+
+
+def _is_uwsgi(pid: int) -> bool:
+    """Whether the process is uWSGI, by its program name (Linux's /proc; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            program = fh.read(4096).split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return os.path.basename(program).startswith(b"uwsgi")
 
 
 def _fail(message: str) -> int:

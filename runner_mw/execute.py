@@ -170,6 +170,11 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
     if execute_hook is not None and isinstance(envelope, dict):
+        # Refused before the host's code sees it (it is refused after anyway): orjson reads
+        # 1 024 levels, and a hook that dumps or walks the envelope would meet Python's
+        # recursion limit, a 500. Fewer brackets than MAX_DEPTH cannot nest that deep.
+        if raw.count(b"[") + raw.count(b"{") >= MAX_DEPTH and _too_deep(envelope):
+            raise _Refused(400, "invalid_request", TOO_DEEP)
         try:
             envelope = execute_hook(environ, envelope)
         except PermissionError:

@@ -93,9 +93,17 @@ def attach(middleware: Any, *, signal_handler: bool) -> None:
         hooks.register(middleware)  # a no-op outside a managed gunicorn worker
     if not signal_handler or under_gunicorn():
         return
+    if "uwsgi" in sys.modules:  # only there: the module uWSGI gives its Python apps
+        _warn_uwsgi()
     if install_handler():
         _on_signal.add(middleware)
     ensure_watcher()
+
+
+def _warn_uwsgi() -> None:
+    log.warning("runner_mw: under uWSGI, SIGHUP is uWSGI's own: it restarts the workers (a "
+                "broken file is then fatal to the app), or stops a server without --master. "
+                "Restart after 'runner-mw check' to apply a new file; see the README's 'Other servers'")
 
 
 def install_handler() -> bool:

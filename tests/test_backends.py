@@ -576,7 +576,8 @@ def test_ui_url_refuses_an_extension_id_the_route_refuses(extension_id: str) -> 
     assert "/ext-ui/a.b/" in backend.ui_url("a.b", HASH) and "/ext-ui/..a/" in backend.ui_url("..a", HASH)
 
 
-@pytest.mark.parametrize("public_base", ["/runner", "https://assets.example/r"])
+@pytest.mark.parametrize("public_base", ["/runner", "https://assets.example/r",
+                                         "https://assets.example/r\u00e4nner/" + "\u00e4" * 100])
 def test_ui_url_stays_within_gunicorns_default_request_line(public_base: str) -> None:
     # A deep link of 4 000 characters made a URL of 4 172, within the route's limits but past
     # gunicorn's default limit_request_line (4 094 for the line): a 414 from the server.
@@ -588,6 +589,11 @@ def test_ui_url_stays_within_gunicorns_default_request_line(public_base: str) ->
         backend.ui_url(EXT, HASH, "/" + "a" * 3990, script_name="/app")
     with pytest.raises(ValueError, match="request target"):
         backend.ui_url(EXT, HASH, "/" + "\u00e9" * 660)
-    url = backend.ui_url(EXT, HASH, "/" + "a" * 3700)
-    target = urlsplit(url).path + "?" + urlsplit(url).query
-    assert len(target) <= MAX_TARGET
+    for length in (3000, 3400, 3700):
+        try:
+            url = backend.ui_url(EXT, HASH, "/" + "a" * length)
+        except ValueError:
+            continue
+        # As the browser sends it: a non-ASCII base path goes out percent-encoded.
+        target = quote(urlsplit(url).path, safe="/%:@!$&'()*+,;=~") + "?" + urlsplit(url).query
+        assert len(target) <= MAX_TARGET

@@ -147,6 +147,25 @@ def test_nesting_beyond_what_orjson_writes_is_refused_at_once(gateway: Gateway, 
     assert gateway.runner.received == []
 
 
+@pytest.mark.parametrize("depth", [256, 600, 1000, 1020])
+def test_a_hook_never_sees_a_body_nested_past_what_orjson_writes(kind: str, depth: int) -> None:
+    # orjson reads 1 024 levels (the standard library stopped near 990): an auditing hook that
+    # dumps the envelope met the recursion limit, a 500 with a traceback per request.
+    seen: list[int] = []
+
+    def audit(environ: dict[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
+        json.dumps(envelope)
+        seen.append(1)
+        return envelope
+
+    body = json.dumps(envelope())[:-1] + ', "ignored": ' + "[" * depth + "]" * depth + "}"
+    with running_gateway(kind, execute_hook=audit) as gw:
+        resp = gw.execute(body.encode())
+        assert resp.status_code == 400 and resp.json()["detail"] == "the body nests too deeply", resp.text
+        assert seen == [] and gw.runner.received == []
+        assert gw.execute().status_code == 200 and seen == [1]  # a plain body still reaches it
+
+
 def test_a_body_nested_to_the_parsers_limit_is_a_400_never_a_500(gateway: Gateway) -> None:
     # Nested one level short of what json.loads takes, the body parsed; writing it again
     # (orjson stops at 255 levels, the standard library needs a frame more than the parse)

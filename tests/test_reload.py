@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -490,3 +491,30 @@ def test_reload_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureF
         cli_main(argv)
     assert exc.value.code == 2
     capsys.readouterr()
+
+
+def test_reload_cli_refuses_a_uwsgi_process(good_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # uWSGI's SIGHUP restarts its workers (a broken file is then fatal to the app), and without
+    # --master it stops the server: "ok, sent SIGHUP" was the worst answer to give.
+    proc = subprocess.Popen(["bash", "-c", "exec -a uwsgi sleep 60"])  # a process named uwsgi
+    try:
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"uwsgi\0"),
+                   what="the process to be named uwsgi")
+        assert cli_main(["reload", "--pid", str(proc.pid), "--config", str(good_file)]) == 1
+        assert "is uWSGI" in capsys.readouterr().err
+        assert proc.poll() is None  # no HUP reached it (sleep would have died of one)
+    finally:
+        proc.kill()
+        proc.wait(T)
+
+
+def test_a_middleware_under_uwsgi_says_sighup_is_uwsgis(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, good_file: Path,
+        sighup_restored: None) -> None:
+    monkeypatch.setitem(sys.modules, "uwsgi", types.ModuleType("uwsgi"))  # what uWSGI gives its apps
+    caplog.set_level(logging.WARNING, logger="runner_mw.reload")
+    mw = RunnerMiddleware(hello, good_file)
+    try:
+        assert any("under uWSGI, SIGHUP is uWSGI's own" in r.getMessage() for r in caplog.records)
+    finally:
+        mw.close()

@@ -151,7 +151,8 @@ class RunnerBackend(abc.ABC):
             raise ValueError(f"the iframe URL would be longer than the gateway takes "
                              f"(path {routed} of {MAX_PATH}, query {len(query)} of {MAX_QUERY})")
         url = f"{base}{tail}?{query}"
-        target = len(url) - len(base) + len(urlsplit(base).path)  # what the browser's GET line holds
+        # What the browser's request line holds: the base's path as it sends it (percent-encoded).
+        target = len(url) - len(base) + len(quote(urlsplit(base).path, safe="/%:@!$&'()*+,;=~"))
         if target > MAX_TARGET:
             raise ValueError(f"the iframe URL would be longer than a server reads by default "
                              f"(request target {target} of {MAX_TARGET} characters)")
