@@ -13,6 +13,7 @@ with this shell's environment, which may differ from the server's for ``${VAR}``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -99,13 +100,14 @@ def _read_pid_file(file: str) -> int:
 
 
 def _is_uwsgi(pid: int) -> bool:
-    """Whether the process is uWSGI, by its program name (Linux's /proc; False elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            program = fh.read(4096).split(b"\0", 1)[0]
-    except OSError:
-        return False
-    return os.path.basename(program).startswith(b"uwsgi")
+    """Whether the process is uWSGI, by its executable or the name it shows (Linux's /proc;
+    False elsewhere). Its --procname options rename the latter ("uWSGI master", any name)."""
+    names = []
+    with contextlib.suppress(OSError):
+        names.append(os.path.basename(os.readlink(f"/proc/{pid}/exe")))
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        names.append(os.path.basename(fh.read(4096).split(b"\0", 1)[0]).decode("utf-8", "replace"))
+    return any(name.lower().startswith("uwsgi") for name in names)
 
 
 def _fail(message: str) -> int:

@@ -86,12 +86,18 @@ class _Watched:
 
 
 class _Watchdog:
-    """One thread per process, running while a watched socket exists: a socket whose
-    queued bytes the client has not taken for ``seconds`` is shut down, which fails the
-    write blocked on it (gunicorn then drops the connection)."""
+    """One thread per process, running while a watched socket exists (it ends when none is
+    left; the next ``watch`` starts another): a socket whose queued bytes the client has
+    not taken for ``seconds`` is shut down, which fails the write blocked on it (gunicorn
+    then drops the connection).
+
+    A plain lock, no Condition: this object is made at import, which may come before
+    gevent or eventlet patch threading, and an unpatched Condition's notify() fails under
+    eventlet (its owner check asks the patched thread ident). A plain lock, never held
+    across anything that yields, works either way."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._watched: dict[int, _Watched] = {}
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -101,34 +107,36 @@ class _Watchdog:
             return None
         entry = _Watched(sock, seconds, time.monotonic())
         start = None
-        with self._cond:
-            if self._thread is None or self._pid != os.getpid():  # none yet, or forked
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets and thread are not ours
+                self._watched.clear()
+                self._thread, self._pid = None, os.getpid()
+            if self._thread is None:
                 start = self._thread = threading.Thread(target=self._run, name="runner_mw-send-deadline",
                                                         daemon=True)
-                self._pid = os.getpid()
             self._watched[id(entry)] = entry
-            self._cond.notify()
         if start is not None:  # outside the lock (see logs._start_writer)
             try:
                 start.start()
             except RuntimeError:  # no thread now: no deadline for this body, the next tries again
-                with self._cond:
+                with self._lock:
                     self._watched.pop(id(entry), None)
                     if self._thread is start:
                         self._thread = None
                 return None
 
         def restore() -> None:
-            with self._cond:
+            with self._lock:
                 self._watched.pop(id(entry), None)
 
         return restore
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._watched:
-                    self._cond.wait()
+            with self._lock:
+                if not self._watched:
+                    self._thread = None  # the next watch() starts another
+                    return
                 entries = list(self._watched.values())
             time.sleep(max(0.02, min(1.0, min(e.seconds for e in entries) / 4)))
             now = time.monotonic()
@@ -140,7 +148,7 @@ class _Watchdog:
                 if acked != entry.acked or queued == 0:  # taken, or nothing to take
                     entry.acked, entry.since = acked, now
                 elif now - entry.since >= entry.seconds:
-                    with self._cond:  # restore() cannot return while this runs
+                    with self._lock:  # restore() cannot return while this runs
                         if self._watched.pop(id(entry), None) is None:
                             continue  # the body ended meanwhile: its socket is not ours now
                         # The plain socket's shutdown: SSLSocket.shutdown drops its TLS object

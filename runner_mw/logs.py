@@ -161,6 +161,7 @@ class Redactor(logging.Filter):
         self._joined = ""
         self._history: collections.deque[frozenset[str]] = collections.deque(maxlen=KEEP_CONFIGS)
         self._held: dict[object, frozenset[str]] = {}
+        self._released: collections.deque[object] = collections.deque()  # see release()
         self._lock = threading.Lock()
 
     def remember(self, secrets: set[str]) -> None:
@@ -169,6 +170,7 @@ class Redactor(logging.Filter):
         secret rotated hourly must not make every line and request id cost more for the
         worker's life."""
         with self._lock:
+            self._drop_released()
             fresh = _usable(secrets)
             if not self._history or self._history[-1] != fresh:
                 self._history.append(fresh)
@@ -178,13 +180,29 @@ class Redactor(logging.Filter):
         """Redact these until ``release(owner)``, however many configs come since: a config
         still in use (a snapshot serving requests, another middleware's current one)."""
         with self._lock:
+            self._drop_released()
             self._held[owner] = _usable(secrets)
             self._rebuild()
 
     def release(self, owner: object) -> None:
-        with self._lock:
-            if self._held.pop(owner, None) is not None:
-                self._rebuild()
+        """Stop holding ``owner``'s secrets. Safe in a finalizer: the garbage collector may run
+        one on a thread that holds the lock (inside ``hold``'s own allocations: a worker froze
+        for good), so the release is queued, and applied now only if the lock is free; else by
+        whoever holds it next."""
+        self._released.append(owner)
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._drop_released():
+                    self._rebuild()
+            finally:
+                self._lock.release()
+
+    def _drop_released(self) -> bool:
+        dropped = False
+        with contextlib.suppress(IndexError):
+            while True:
+                dropped = self._held.pop(self._released.popleft(), None) is not None or dropped
+        return dropped
 
     def _rebuild(self) -> None:
         known = set().union(*self._history, *self._held.values())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from mwfixtures import wait_until
 
 from runner_mw.clientsock import _watchdog, bound_sends
 
@@ -119,3 +121,20 @@ def test_the_watchdog_leaves_a_socket_alone_once_its_body_ended(
     time.sleep(1.0)
     info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     assert info[0] == 1  # TCP_ESTABLISHED: never shut down (that would be FIN_WAIT1)
+
+
+def test_the_watchdog_thread_ends_with_its_last_socket_and_the_next_starts_one(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # No thread waits on a Condition while nothing is watched (an unpatched Condition made at
+    # import fails under eventlet): the thread ends, and the next watch starts another.
+    def running() -> bool:
+        return any(t.name == "runner_mw-send-deadline" and t.is_alive() for t in threading.enumerate())
+
+    server, _ = pair
+    stop = _watchdog.watch(server, 0.3)
+    assert stop is not None and running()
+    stop()
+    wait_until(lambda: not running(), what="the watchdog thread to end")
+    again = _watchdog.watch(server, 0.3)
+    assert again is not None and running()
+    again()

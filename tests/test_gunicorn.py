@@ -222,7 +222,7 @@ def log_lines(server: Gunicorn, pattern: str) -> list[str]:
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_20_hups_switch_backends_in_place_without_failing_a_request(
         worker_class: str, tmp_path: Path, config_file: Path,
         runners: tuple[StandinRunner, StandinRunner]) -> None:

@@ -7,6 +7,7 @@ reaches a log record fails, whatever its tests said.
 from __future__ import annotations
 
 import contextvars
+import gc
 import io
 import json
 import logging
@@ -14,6 +15,8 @@ import select
 import subprocess
 import sys
 import textwrap
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from testsecrets import (
 
 from runner_mw import logs
 from runner_mw.loader import config_from_mapping
-from runner_mw.logs import REDACTOR, JsonFormatter, bind_request, setup_logging
+from runner_mw.logs import REDACTOR, JsonFormatter, Redactor, bind_request, setup_logging
 
 pytest_plugins = ["mwfixtures", "pytester"]
 REPO = Path(__file__).resolve().parent.parent
@@ -639,3 +642,35 @@ def test_a_forked_child_starts_a_writer_of_its_own() -> None:
     assert proc.stdout == "child exit 0\n"
     assert sorted(json.loads(line)["message"] for line in proc.stderr.splitlines()) == \
         ["child line", "parent line"]
+
+
+def test_a_release_the_garbage_collector_runs_inside_hold_does_not_deadlock() -> None:
+    # A snapshot's finalizer releases its secrets; the collector may run it on a thread that
+    # is inside hold() (any allocation there may start a collection), which held the lock: the
+    # release waited on it for good (seen: the suite hung in test_snapshot). Own redactor: a
+    # regression hangs only the thread below.
+    redactor = Redactor()
+
+    class Cycle:
+        me: Any = None
+
+    class Collecting(set):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            gc.collect()  # what an allocation inside hold() may set off, made certain
+            return super().__iter__()
+
+    def run() -> None:
+        for i in range(3):
+            obj = Cycle()
+            obj.me = obj  # a cycle: only the collector frees it
+            redactor.hold(("owner", i), {f"secret-value-{i:04d}"})
+            weakref.finalize(obj, redactor.release, ("owner", i))
+            del obj
+            redactor.hold(("other", i), Collecting({f"another-one-{i:04d}"}))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "hold() and a finalizer's release() deadlocked"
+    redactor.remember(set())  # applies what was queued meanwhile
+    assert redactor.redact("secret-value-0001 another-one-0001") == "secret-value-0001 ***"  # released, held

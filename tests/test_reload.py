@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -493,13 +494,22 @@ def test_reload_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureF
     capsys.readouterr()
 
 
-def test_reload_cli_refuses_a_uwsgi_process(good_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("program", "shown"), [("sleep", "uwsgi"), ("sleep", "uWSGI master"),
+                                               ("uwsgi", "myapp-master")],
+                         ids=["named-uwsgi", "auto-procname", "procname-master"])
+def test_reload_cli_refuses_a_uwsgi_process(good_file: Path, tmp_path: Path, program: str, shown: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     # uWSGI's SIGHUP restarts its workers (a broken file is then fatal to the app), and without
-    # --master it stops the server: "ok, sent SIGHUP" was the worst answer to give.
-    proc = subprocess.Popen(["bash", "-c", "exec -a uwsgi sleep 60"])  # a process named uwsgi
+    # --master it stops the server: "ok, sent SIGHUP" was the worst answer to give. Known by
+    # its executable, or by the name it shows (its --procname options change the latter).
+    binary = shutil.which("sleep")
+    assert binary is not None
+    if program == "uwsgi":  # a uWSGI binary that renamed itself
+        binary = str(shutil.copy(binary, tmp_path / "uwsgi"))
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "{shown}" {binary} 60'])
     try:
-        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"uwsgi\0"),
-                   what="the process to be named uwsgi")
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(shown.encode() + b"\0"),
+                   what="the process to show its name")
         assert cli_main(["reload", "--pid", str(proc.pid), "--config", str(good_file)]) == 1
         assert "is uWSGI" in capsys.readouterr().err
         assert proc.poll() is None  # no HUP reached it (sleep would have died of one)

@@ -8,6 +8,7 @@ client sent and whether it kept a connection for the next request.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import sys
@@ -782,3 +783,30 @@ def test_request_lines_that_a_lenient_runner_might_read_otherwise_are_refused(me
                                                                               target: str) -> None:
     with pytest.raises(ValueError):
         wire.encode_request(method, target, {"host": "h"}, None)
+
+
+def test_over_tls_an_idle_connection_is_checked_where_select_has_no_poll(
+        self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # eventlet's monkey-patching removes select.poll: every reuse of a TLS connection raised
+    # AttributeError (and the connection was dropped unclosed). select.select answers instead.
+    cert, key = self_signed
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    served = {"n": 0}
+
+    def serve(conn: socket.socket) -> None:
+        served["n"] += 1
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            while _read_request(tls) is not None:
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    monkeypatch.delattr(select, "poll")
+    with Scripted() as server:
+        server.serve = serve  # type: ignore[method-assign]
+        pool = wire.Pool("127.0.0.1", server.port, tls=ssl.create_default_context(cafile=str(cert)),
+                         maxsize=1, wait_s=1.0, connect_s=2.0)
+        try:
+            assert [get(pool)[2] for _ in range(3)] == [b"hi"] * 3
+            assert served["n"] == 1  # one connection, reused
+        finally:
+            pool.close()

@@ -93,6 +93,8 @@ class _Conn:
             if idle is not None:
                 return not idle
         try:
+            if not hasattr(select, "poll"):  # eventlet's monkey-patching removes it
+                return bool(select.select([self.sock], [], [], 0)[0])
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
