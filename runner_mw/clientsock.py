@@ -91,13 +91,14 @@ class _Watchdog:
     not taken for ``seconds`` is shut down, which fails the write blocked on it (gunicorn
     then drops the connection).
 
-    A plain lock, no Condition: this object is made at import, which may come before
-    gevent or eventlet patch threading, and an unpatched Condition's notify() fails under
-    eventlet (its owner check asks the patched thread ident). A plain lock, never held
-    across anything that yields, works either way."""
+    A lock, no Condition: this object is made at import, which may come before gevent or
+    eventlet patch threading, and an unpatched Condition's notify() fails under eventlet
+    (its owner check asks the patched thread ident); a lock never held across anything that
+    yields works either way. Reentrant: ``restore`` runs from a body's ``__del__``, which
+    the collector may run on a thread that holds it (inside ``watch``'s allocations)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._watched: dict[int, _Watched] = {}
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -137,7 +138,7 @@ class _Watchdog:
                 if not self._watched:
                     self._thread = None  # the next watch() starts another
                     return
-                entries = list(self._watched.values())
+                entries = list(self._watched.copy().values())  # a restore() from a collection may pop
             time.sleep(max(0.02, min(1.0, min(e.seconds for e in entries) / 4)))
             now = time.monotonic()
             for entry in entries:

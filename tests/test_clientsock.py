@@ -138,3 +138,24 @@ def test_the_watchdog_thread_ends_with_its_last_socket_and_the_next_starts_one(
     again = _watchdog.watch(server, 0.3)
     assert again is not None and running()
     again()
+
+
+def test_a_restore_from_a_finalizer_inside_watch_does_not_wait_on_the_same_thread(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # restore() runs from a streamed body's __del__, which the collector may run on a thread
+    # inside watch() (it allocates under the lock): with a plain lock, that thread waited on
+    # itself, and every later watch() and restore() of the process after it.
+    server, _ = pair
+    stop = _watchdog.watch(server, 0.3)
+    assert stop is not None
+    done: list[bool] = []
+
+    def reentered() -> None:
+        with _watchdog._lock:  # as inside watch(), on this thread
+            stop()
+            done.append(True)
+
+    worker = threading.Thread(target=reentered, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert done == [True], "restore() waited on a lock its own thread held"

@@ -810,3 +810,24 @@ def test_over_tls_an_idle_connection_is_checked_where_select_has_no_poll(
             assert served["n"] == 1  # one connection, reused
         finally:
             pool.close()
+
+
+def test_a_put_from_a_finalizer_inside_get_does_not_wait_on_the_same_thread() -> None:
+    # A body never closed by its server gives its connection back when it is collected; the
+    # collector may run that on a thread inside get() (the slot wait allocates), which held
+    # the pool's plain lock: put() waited on its own thread for good, and so did every request
+    # after it (a review reproduced it with a cyclic body and a low collection threshold).
+    with Scripted([OK, OK]) as server, pool_for(server) as pool:
+        conn, _ = pool.get()
+        done: list[bool] = []
+
+        def reentered() -> None:
+            with pool._lock:  # as inside get(), on this thread
+                pool.put(conn, True)  # what the finalizer calls
+                done.append(True)
+
+        worker = threading.Thread(target=reentered, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert done == [True], "put() waited on a lock its own thread held"
+        assert get(pool)[2] == b"hi"  # the slot and the connection are back

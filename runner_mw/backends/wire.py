@@ -146,7 +146,11 @@ class Pool:
         self._idle: list[_Conn] = []
         self._busy = 0  # slots taken: connections handed out, or being made
         self._waiting = 0  # threads waiting for a slot (notified only when there are some)
-        self._lock = threading.Lock()
+        # Reentrant: a body never closed by its server gives its connection back when it is
+        # collected (assets.StreamedBody.__del__), and the collector may run that on a thread
+        # inside get(), which would wait on itself for good with a plain lock. put() re-entered
+        # there frees its own connection's slot: the counts stay right.
+        self._lock = threading.RLock()
         self._slot_free = threading.Condition(self._lock)
         self._closed = False
 
