@@ -185,7 +185,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise TypeError(f"execute_hook returned {type(envelope).__name__}, not the envelope")
     problem = envelope_problem(envelope)
     if problem:
-        raise _Refused(400, "invalid_request", problem)
+        raise _invalid(problem, raw, envelope, execute_hook)
     headers = request_headers(environ, EXECUTE_REQUEST_ALLOW, allow_prefix="x-alga-")
     ctx = envelope["context"]
     for name, key in (("x-alga-tenant", "tenant_id"), ("x-alga-extension", "extension_id")):
@@ -216,11 +216,38 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise _Refused(400, "invalid_request", TOO_DEEP) from None
         problem = unicode_problem(envelope)
         if problem:
-            raise _Refused(400, "invalid_request", problem) from None
+            raise _invalid(problem, raw, envelope, execute_hook) from None
         try:
             return _COMPACT.encode(envelope).encode(), headers  # compact_json's own fallback
         except RecursionError:
             raise _Refused(400, "invalid_request", TOO_DEEP) from None
+
+
+_ABSENT = object()
+
+
+def _at(doc: Any, path: list[str]) -> Any:
+    """The value at a dotted path of ``doc`` (``_ABSENT`` where there is none)."""
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return _ABSENT
+        doc = doc[key]
+    return doc
+
+
+def _invalid(problem: str, raw: bytes, envelope: dict[str, Any],
+             execute_hook: ExecuteHook | None) -> Exception:
+    """What to raise for an envelope the runner would refuse: the client's 400, unless a hook
+    wrote, changed or removed the field ``problem`` names (its first word, as in
+    ``user.user_id must be a string``). That is the host's bug (a user id written as a
+    number): a logged 500, as when the hook raises, never a 400 that sends the developer
+    after the client. The client's body is read again for it, on this path only."""
+    if execute_hook is not None:
+        path = problem.split(" ", 1)[0].split(".")
+        sent, got = _at(strict_json(raw), path), _at(envelope, path)
+        if not (type(sent) is type(got) and sent == got):
+            return ValueError(f"execute_hook returned an envelope the runner would refuse: {problem}")
+    return _Refused(400, "invalid_request", problem)
 
 
 def bound_idempotency_key(envelope: dict[str, Any], key: str) -> str:

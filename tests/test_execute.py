@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import socket
@@ -722,14 +723,45 @@ def test_a_hook_may_break_the_envelope_or_fail_without_leaking(kind: str) -> Non
         raise RuntimeError("hook exploded with secret detail /etc/shadow")
 
     with running_gateway(kind, execute_hook=hook) as gw:
-        broken = gw.execute(headers={"X-Mode": "break"})
-        assert broken.status_code == 400 and broken.json()["error"] == "invalid_request"
+        broken = gw.execute(headers={"X-Mode": "break"})  # the hook removed what the client sent
+        assert_gateway_error(broken, 500, "internal_error")
         failed = gw.execute()
         assert_gateway_error(failed, 500, "internal_error")
         assert "shadow" not in failed.text
         forgot = gw.execute(headers={"X-Mode": "forget"})  # not the client's fault: no 400
         assert_gateway_error(forgot, 500, "internal_error")
         assert gw.runner.received == []
+
+
+def test_an_envelope_the_hook_broke_is_the_hosts_500_and_the_clients_own_mistake_its_400(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+        env["context"]["tenant_id"] = "tenant-of-session"  # fills in what the client left out
+        if environ.get("HTTP_X_MODE") == "numeric-user":
+            env["user"] = {"user_id": 42, "user_email": "a@x", "user_name": "a", "user_type": "internal"}
+        return env
+
+    caplog.set_level(logging.ERROR, logger="runner_mw")
+    with running_gateway(kind, execute_hook=hook) as gw:
+        bare = envelope()
+        del bare["context"]["tenant_id"]  # the hook's to set: not the client's mistake
+        assert gw.execute(bare).status_code == 200
+        broken = gw.execute(bare, headers={"X-Mode": "numeric-user"})
+        assert_gateway_error(broken, 500, "internal_error")
+        assert "user.user_id" not in broken.text
+        logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(logged) == 1 and broken.headers["X-Request-Id"] in logged[0].getMessage()
+        assert ("execute_hook returned an envelope the runner would refuse: user.user_id must be a string"
+                in caplog.text)
+        # The client's own mistakes, which the hook passed on as they came: 400 with the detail.
+        for field, value, detail in (("user", {"user_id": 7}, "user.user_id must be a string"),
+                                     ("http", {"method": "", "path": "/x"}, "http.method must be")):
+            mistaken = {**bare, field: value}
+            resp = gw.execute(mistaken)
+            assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
+            assert detail in resp.json()["detail"]
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+        assert len(gw.runner.received) == 1
 
 
 # -- upstream failures ---------------------------------------------------------------------------
