@@ -99,8 +99,10 @@ PAGE = """<!doctype html>
 PAGE_HEADERS = [("Content-Security-Policy", "frame-ancestors 'self'"), ("X-Frame-Options", "SAMEORIGIN")]
 
 
-def page(environ: Mapping[str, Any], *, static_url: str, execute_url: str) -> str:
-    """The host page for the caller: one sandboxed iframe per installed extension (here, one)."""
+def page(environ: Mapping[str, Any], *, static_url: str) -> str:
+    """The host page for the caller: one sandboxed iframe per installed extension (here, one).
+    Its bridge posts to ``runner_mw.execute_url``, the middleware's own mount point: the app's
+    script root is another path when a dispatcher mounts the app below the middleware."""
     user = current_user(environ)
     if user is None:
         return "<!doctype html><p>Please sign in.</p>"
@@ -110,5 +112,5 @@ def page(environ: Mapping[str, Any], *, static_url: str, execute_url: str) -> st
     src = ui_url(extension, content_hash, path="/", tenant=user["tenant"])
     values = {"bridge": static_url + "/runner-bridge.js", "src": src, "extension": extension,
               "content_hash": content_hash, "tenant": user["tenant"], "user": user["user_name"],
-              "execute_url": execute_url}
+              "execute_url": environ["runner_mw.execute_url"]}
     return PAGE.format(**{k: html.escape(v) for k, v in values.items()})

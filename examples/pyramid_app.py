@@ -24,8 +24,7 @@ CONFIG = os.path.abspath(os.environ.get("RUNNER_MW_CONFIG") or HERE.parent / "co
 
 
 def index(request: Request) -> Response:
-    return Response(host.page(request.environ, static_url=request.script_name + "/static",
-                              execute_url=request.script_name + "/v1/execute"),
+    return Response(host.page(request.environ, static_url=request.script_name + "/static"),
                     headerlist=[("Content-Type", "text/html; charset=UTF-8"), *host.PAGE_HEADERS])
 
 

@@ -29,8 +29,7 @@ app = Flask(__name__)  # serves examples/static/ at /static
 
 @app.get("/")
 def index() -> tuple[str, list[tuple[str, str]]]:
-    return host.page(request.environ, static_url=request.script_root + "/static",
-                     execute_url=request.script_root + "/v1/execute"), host.PAGE_HEADERS
+    return host.page(request.environ, static_url=request.script_root + "/static"), host.PAGE_HEADERS
 
 
 # Everything but /runner/* and /v1/execute still reaches Flask.

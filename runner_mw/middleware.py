@@ -6,8 +6,10 @@ Use it to wrap a Flask, Pyramid or plain WSGI app::
     app.wsgi_app = RunnerMiddleware(app.wsgi_app, "config/runner.yaml")   # Flask
 
 ``/runner/*`` and ``/v1/execute`` go to the active backend of the YAML file;
-every other request reaches ``app`` with its environ unchanged but for one added
-key, ``runner_mw.ui_url`` (builds extension iframe URLs). SIGHUP, or
+every other request reaches ``app`` with its environ unchanged but for two added
+keys: ``runner_mw.ui_url`` (builds extension iframe URLs) and ``runner_mw.execute_url``
+(where pages post execute calls: the middleware's own mount point, which may not be the
+app's when a dispatcher sits between them). SIGHUP, or
 ``middleware.reload()``, swaps in an edited file without a restart.
 """
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from runner_mw import access as acc
 from runner_mw import metrics
 from runner_mw.assets import handle_asset
+from runner_mw.backends.base import script_path
 from runner_mw.config import Config
 from runner_mw.execute import ExecuteHook, handle_execute
 from runner_mw.loader import config_from_mapping
@@ -87,7 +90,7 @@ class RunnerMiddleware:
         metrics.warn_if_missing(cfg.data.get("metrics", {}).get("enabled") is True)
         self.store = SnapshotStore(cfg, path=path)
         self._health = HealthCache()
-        self._ui_urls: dict[str, Callable[..., str]] = {}
+        self._mounts: dict[str, tuple[Callable[..., str], str]] = {}
         _reload.attach(self, signal_handler=reload_signal and path is not None)
 
     # ------------------------------------------------------------------ WSGI
@@ -97,18 +100,20 @@ class RunnerMiddleware:
         if path == EXECUTE_PATH or (path[:7] == PREFIX and (len(path) == 7 or path[7] == "/")):
             return self._ours(environ, start_response, path)
         script = environ.get("SCRIPT_NAME", "")
-        builder = self._ui_urls.get(script)
-        if builder is None:
-            builder = self._ui_url_for(script)
-        environ["runner_mw.ui_url"] = builder
+        mount = self._mounts.get(script)
+        if mount is None:
+            mount = self._mount(script)
+        environ["runner_mw.ui_url"], environ["runner_mw.execute_url"] = mount
         return self.app(environ, start_response)
 
-    def _ui_url_for(self, script_name: str) -> Callable[..., str]:
-        # One builder per mount point, made once: the pass-through path stays allocation-free.
-        builder = partial(self.ui_url, script_name=script_name)
-        if len(self._ui_urls) < 64:
-            self._ui_urls[script_name] = builder
-        return builder
+    def _mount(self, script_name: str) -> tuple[Callable[..., str], str]:
+        # Made once per mount point: the pass-through path stays allocation-free.
+        # Encoded as ui_url encodes it: a mount may come from a proxy's header (X-Script-Name,
+        # X-Forwarded-Prefix), and "//host" must not make the URL another origin's.
+        mount = (partial(self.ui_url, script_name=script_name), script_path(script_name) + EXECUTE_PATH)
+        if len(self._mounts) < 64:
+            self._mounts[script_name] = mount
+        return mount
 
     def _ours(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> Iterable[bytes]:
         started = time.monotonic()

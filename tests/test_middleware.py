@@ -182,7 +182,8 @@ def flask_app(seen: list[dict[str, Any]]) -> Any:
         seen.append(dict(request.environ))
         ui = request.environ.get("runner_mw.ui_url")
         return jsonify(app="flask", path=request.path, body=request.get_data().decode("latin-1"),
-                       ui_url=ui(EXT, HASH, "/settings", TENANT) if ui else None)
+                       ui_url=ui(EXT, HASH, "/settings", TENANT) if ui else None,
+                       execute_url=request.environ.get("runner_mw.execute_url"))
 
     return app
 
@@ -238,7 +239,7 @@ def framework(request: pytest.FixtureRequest) -> Iterator[tuple[str, Toggle, lis
     ("GET", "/hello?x=1&y=%2F", None), ("POST", "/v1/execute/", b'{"a": 1}'),
     ("PUT", "/v1/execute/more", b"raw \x00 bytes"), ("GET", "/runnerX/a", None), ("DELETE", "/", None),
 ])
-def test_the_app_sees_the_same_environ_plus_one_key(framework: Any, method: str, path: str,
+def test_the_app_sees_the_same_environ_plus_two_keys(framework: Any, method: str, path: str,
                                                     body: bytes | None) -> None:
     url, toggle, seen, runner = framework
     headers = {"Cookie": "sid=abc", "Authorization": "Bearer x", "X-Custom": "1",
@@ -250,7 +251,7 @@ def test_the_app_sees_the_same_environ_plus_one_key(framework: Any, method: str,
         assert resp.status_code == 200
         answers.append(resp.json())
     without, with_mw = seen[-2:]
-    assert set(with_mw) - set(without) == {"runner_mw.ui_url"}
+    assert set(with_mw) - set(without) == {"runner_mw.ui_url", "runner_mw.execute_url"}
     assert set(without) - set(with_mw) == set()
     for key, value in without.items():
         if isinstance(value, str) and key not in VOLATILE:
@@ -264,7 +265,7 @@ def test_the_app_sees_the_same_environ_plus_one_key(framework: Any, method: str,
 
 
 @pytest.mark.parametrize("path", ["/v1/execute/", "/anything", "/runnerX"])
-def test_environ_is_unchanged_but_for_ui_url_in_process(path: str) -> None:
+def test_environ_is_unchanged_but_for_ui_url_and_execute_url_in_process(path: str) -> None:
     def build() -> dict[str, Any]:
         return EnvironBuilder(path=path, method="POST", data=b"body", query_string="a=1",
                               headers={"Cookie": "c=1", "X-Thing": "t"}).get_environ()
@@ -283,13 +284,14 @@ def test_environ_is_unchanged_but_for_ui_url_in_process(path: str) -> None:
     app(plain, lambda *a: None)
     mw(wrapped, lambda *a: None)
     alone, through = got
-    assert set(through) == set(alone) | {"runner_mw.ui_url"}
+    assert set(through) == set(alone) | {"runner_mw.ui_url", "runner_mw.execute_url"}
     for key in alone:
         if key != "wsgi.input":
             assert through[key] == alone[key], key
     assert through["body"] == b"body"
     assert set(expected) | {"body"} == set(alone)
     assert through["runner_mw.ui_url"](EXT, HASH) == mw.ui_url(EXT, HASH)
+    assert through["runner_mw.execute_url"] == "/v1/execute"
 
 
 def test_ui_url_honours_the_mount_point_and_loads_through_the_gateway() -> None:
@@ -305,6 +307,7 @@ def test_ui_url_honours_the_mount_point_and_loads_through_the_gateway() -> None:
                 ui_url = resp.json()["ui_url"]
                 assert ui_url.startswith(f"/app/runner/ext-ui/{EXT}/sha256%3A")
                 assert seen[-1]["SCRIPT_NAME"] == "/app"
+                assert resp.json()["execute_url"] == "/app/v1/execute"
                 page = send("GET", served.url + ui_url)
                 assert page.status_code == 200 and page.headers["Content-Type"] == "text/html"
                 assert b"<html" in page.content.lower()
@@ -313,6 +316,48 @@ def test_ui_url_honours_the_mount_point_and_loads_through_the_gateway() -> None:
                 assert f"tenant={TENANT}" in got.query
         finally:
             mw.close()
+
+
+def test_execute_url_is_the_middlewares_mount_not_the_apps() -> None:
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    seen: list[dict[str, Any]] = []
+    with StandinRunner() as runner:
+        # The middleware at the root, the app mounted below it by a dispatcher: the app's own
+        # script root (/app) is not where /v1/execute is answered.
+        mw = RunnerMiddleware(DispatcherMiddleware(lambda e, s: [], {"/app": flask_app(seen)}),
+                              config_for(runner.url), reload_signal=False)
+        try:
+            with serve_wsgi(mw) as served:
+                resp = send("GET", served.url + "/app/page")
+                assert seen[-1]["SCRIPT_NAME"] == "/app"
+                execute_url = resp.json()["execute_url"]
+                assert execute_url == "/v1/execute"
+                done = send("POST", served.url + execute_url, data=json.dumps(envelope()).encode(),
+                            headers={"Content-Type": "application/json"})
+                assert done.status_code == 200 and len(runner.received) == 1
+        finally:
+            mw.close()
+
+
+@pytest.mark.parametrize(("script_name", "expected"), [
+    ("//evil.example", "/evil.example/v1/execute"),  # never another origin's URL
+    ("/caf\xc3\xa9/x y", "/caf%C3%A9/x%20y/v1/execute"),  # PEP 3333's latin-1 form of UTF-8
+    ("/a\\b", "/a%5Cb/v1/execute"),
+])
+def test_execute_url_is_encoded_like_ui_url(script_name: str, expected: str) -> None:
+    got: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        got.append(environ["runner_mw.execute_url"])
+        start_response("204 No Content", [])
+        return []
+
+    mw = RunnerMiddleware(app, config_for("http://127.0.0.1:9"), reload_signal=False)
+    environ = EnvironBuilder(path="/page").get_environ()
+    environ["SCRIPT_NAME"] = script_name
+    mw(environ, lambda *a: None)
+    assert got == [expected]
 
 
 # -- the gateway's own endpoints -----------------------------------------------------------------
