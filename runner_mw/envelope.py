@@ -20,6 +20,19 @@ _SECRET_OPTIONAL = ("version", "algorithm", "expires_at", "key_path", "mount")
 _USER_REQUIRED = ("user_id", "user_email", "user_name", "user_type")
 
 
+class Problem(str):
+    """What is wrong with an envelope (the text a client sees), and ``path``: where the value
+    at fault is (``("user", "user_id")``, ``("http", "headers", "x-n")``, ``("providers", 2)``),
+    so that a caller can tell whose value it is (the client's, or one a hook wrote)."""
+
+    path: tuple[str | int, ...]
+
+    def __new__(cls, text: str, *path: str | int) -> Problem:
+        problem = super().__new__(cls, text)
+        problem.path = path
+        return problem
+
+
 def _strings(value: Any) -> bool:
     """A dict whose values are all strings."""
     if not isinstance(value, dict):
@@ -30,64 +43,76 @@ def _strings(value: Any) -> bool:
     return True
 
 
+def _not_string(value: Any) -> tuple[str, ...]:
+    """Where a map that ``_strings`` refused goes wrong: the key of its first value that is
+    not a string, or nothing (the map itself is not an object)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(item, str):
+                return (key,)
+    return ()
+
+
 def _header_safe(value: str) -> bool:
     """1-256 visible ASCII characters (``[\x21-\x7e]{1,256}``), without a regex scan."""
     return 0 < len(value) <= 256 and value.isascii() and value.isprintable() and " " not in value
 
 
-def envelope_problem(env: Any) -> str | None:
+def envelope_problem(env: Any) -> Problem | None:
     """What is wrong with an envelope (a short text), or None when it is usable."""
     # Runs on every execute: each value is looked up once.
     if not isinstance(env, dict):
-        return "the body must be a JSON object (an execute envelope)"
+        return Problem("the body must be a JSON object (an execute envelope)")
     ctx = env.get("context")
     if not isinstance(ctx, dict):
-        return "context must be an object"
+        return Problem("context must be an object", "context")
     for key in ("tenant_id", "extension_id"):
         value = ctx.get(key)
         if not isinstance(value, str) or not value:
-            return f"context.{key} must be a non-empty string"
+            return Problem(f"context.{key} must be a non-empty string", "context", key)
         if not _header_safe(value):
             # It travels as x-alga-tenant / x-alga-extension: visible ASCII only.
-            return f"context.{key} must be 1-256 visible ASCII characters"
+            return Problem(f"context.{key} must be 1-256 visible ASCII characters", "context", key)
     value = ctx.get("content_hash")
     if not isinstance(value, str) or not CONTENT_HASH.fullmatch(value):
-        return "context.content_hash must be 'sha256:' followed by 64 hex digits"
+        return Problem("context.content_hash must be 'sha256:' followed by 64 hex digits",
+                       "context", "content_hash")
     for key in _OPTIONAL_STR:
         value = ctx.get(key)
         if value is not None and not isinstance(value, str):
-            return f"context.{key} must be a string"
+            return Problem(f"context.{key} must be a string", "context", key)
     if "config" in ctx and not _strings(ctx["config"]):  # may be left out, never null
-        return "context.config must be an object of strings"
+        return Problem("context.config must be an object of strings", "context", "config",
+                       *_not_string(ctx["config"]))
     http = env.get("http")
     if not isinstance(http, dict):
-        return "http must be an object"
+        return Problem("http must be an object", "http")
     for key in ("method", "path"):
         value = http.get(key)
         if not isinstance(value, str) or not value:
-            return f"http.{key} must be a non-empty string"
+            return Problem(f"http.{key} must be a non-empty string", "http", key)
     for key in ("query", "headers"):
         if key in http and not _strings(http[key]):
-            return f"http.{key} must be an object of strings"
+            return Problem(f"http.{key} must be an object of strings", "http", key, *_not_string(http[key]))
     value = http.get("body_b64")
     if value is not None and not isinstance(value, str):
-        return "http.body_b64 must be a string"
+        return Problem("http.body_b64 must be a string", "http", "body_b64")
     limits = env.get("limits")
     if limits is not None:
         if not isinstance(limits, dict):
-            return "limits must be an object"
+            return Problem("limits must be an object", "limits")
         for key in ("timeout_ms", "memory_mb", "fuel"):
             value = limits.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 0 <= value < _U64):
-                return f"limits.{key} must be an integer from 0 to 2^64-1"
+                return Problem(f"limits.{key} must be an integer from 0 to 2^64-1", "limits", key)
     if "providers" in env:  # may be left out, never null
         providers = env["providers"]
         if not isinstance(providers, list):
-            return "providers must be a list of strings"
-        for item in providers:
+            return Problem("providers must be a list of strings", "providers")
+        for index, item in enumerate(providers):
             if not isinstance(item, str):
-                return "providers must be a list of strings"
+                return Problem("providers must be a list of strings", "providers", index)
     secret = env.get("secret_envelope")
     if secret is not None:
         problem = _object_problem("secret_envelope", secret, _SECRET_REQUIRED, _SECRET_OPTIONAL)
@@ -99,25 +124,26 @@ def envelope_problem(env: Any) -> str | None:
         if problem:
             return problem
         if "client_name" in user and not isinstance(user["client_name"], str):
-            return "user.client_name must be a string"
+            return Problem("user.client_name must be a string", "user", "client_name")
         if "additional_fields" in user and not _strings(user["additional_fields"]):
-            return "user.additional_fields must be an object of strings"
+            return Problem("user.additional_fields must be an object of strings", "user", "additional_fields",
+                           *_not_string(user["additional_fields"]))
     return None
 
 
 def _object_problem(name: str, value: Any, required: tuple[str, ...],
-                    optional: tuple[str, ...]) -> str | None:
+                    optional: tuple[str, ...]) -> Problem | None:
     """A nested object's problem: ``required`` string fields present, ``optional`` ones
     strings or null."""
     if not isinstance(value, dict):
-        return f"{name} must be an object"
+        return Problem(f"{name} must be an object", name)
     for key in required:
         if not isinstance(value.get(key), str):
-            return f"{name}.{key} must be a string"
+            return Problem(f"{name}.{key} must be a string", name, key)
     for key in optional:
         item = value.get(key)
         if item is not None and not isinstance(item, str):
-            return f"{name}.{key} must be a string"
+            return Problem(f"{name}.{key} must be a string", name, key)
     return None
 
 
@@ -135,7 +161,7 @@ _TEXT_FIELDS = (
 )
 
 
-def unicode_problem(env: dict[str, Any]) -> str | None:
+def unicode_problem(env: dict[str, Any]) -> Problem | None:
     """A field the runner reads as text that holds a lone surrogate (``"\\ud800"`` is valid
     JSON, but the runner's parser refuses it in a string: a 422 the gateway could only call
     a 502), or None. Use it where the fast encoder refused the envelope, not on every request;
@@ -145,24 +171,39 @@ def unicode_problem(env: dict[str, Any]) -> str | None:
         value = obj.get(field) if isinstance(obj, dict) else None
         if value is None:
             continue
-        texts = [*value, *value.values()] if kind == "m" else [value]
-        if not all(_unicode(t) for t in texts):
-            return f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
+        text = f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
+        if kind == "s":
+            if not _unicode(value):
+                return Problem(text, part, field)
+            continue
+        for key, item in value.items():
+            if not (_unicode(key) and _unicode(item)):
+                return Problem(text, part, field, key)
     providers = env.get("providers")
-    if isinstance(providers, list) and not all(_unicode(p) for p in providers):
-        return "providers holds text that is not valid Unicode (a lone surrogate escape)"
+    if isinstance(providers, list):
+        for index, item in enumerate(providers):
+            if not _unicode(item):
+                return Problem("providers holds text that is not valid Unicode (a lone surrogate escape)",
+                               "providers", index)
     # A key anywhere: the runner's parser reads every key as text (to match a field name,
     # also one it then ignores). Values it ignores it only skips. (A loop, not recursion:
-    # the body may nest as deep as json.loads allows.)
-    stack: list[Any] = [env]
+    # the body may nest as deep as json.loads allows.) Each container keeps a link to its
+    # parent's, not its whole path (2 MiB of nesting would make that quadratic); the path to
+    # the key's value is put together only for the problem.
+    stack: list[tuple[Any, Any]] = [(env, None)]
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if not all(_unicode(key) for key in node):
-                return "a key holds text that is not valid Unicode (a lone surrogate escape)"
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+        node, link = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if not _unicode(key):
+                path = [key]
+                while link is not None:
+                    link, step = link
+                    path.append(step)
+                return Problem("a key holds text that is not valid Unicode (a lone surrogate escape)",
+                               *reversed(path))
+            if isinstance(child, (dict, list)):
+                stack.append((child, (link, key)))
     return None
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from runner_mw import access as acc
-from runner_mw.envelope import envelope_problem, prepare, unicode_problem
+from runner_mw.envelope import Problem, envelope_problem, prepare, unicode_problem
 from runner_mw.errors import UpstreamError
 from runner_mw.headers import EXECUTE_REQUEST_ALLOW, SERVICE_TOKEN, request_headers
 from runner_mw.responses import error, status_line
@@ -169,7 +169,8 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         raise _Refused(400, "invalid_request", "numbers must be finite (no NaN or Infinity)") from None
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
-    if execute_hook is not None and isinstance(envelope, dict):
+    hooked = execute_hook is not None and isinstance(envelope, dict)
+    if execute_hook is not None and hooked:
         # Refused before the host's code sees it (it is refused after anyway): orjson reads
         # 1 024 levels, and a hook that dumps or walks the envelope would meet Python's
         # recursion limit, a 500. Fewer brackets than MAX_DEPTH cannot nest that deep.
@@ -185,7 +186,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise TypeError(f"execute_hook returned {type(envelope).__name__}, not the envelope")
     problem = envelope_problem(envelope)
     if problem:
-        raise _invalid(problem, raw, envelope, execute_hook)
+        raise _invalid(problem, raw, envelope, hooked)
     headers = request_headers(environ, EXECUTE_REQUEST_ALLOW, allow_prefix="x-alga-")
     ctx = envelope["context"]
     for name, key in (("x-alga-tenant", "tenant_id"), ("x-alga-extension", "extension_id")):
@@ -216,7 +217,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise _Refused(400, "invalid_request", TOO_DEEP) from None
         problem = unicode_problem(envelope)
         if problem:
-            raise _invalid(problem, raw, envelope, execute_hook) from None
+            raise _invalid(problem, raw, envelope, hooked) from None
         try:
             return _COMPACT.encode(envelope).encode(), headers  # compact_json's own fallback
         except RecursionError:
@@ -226,27 +227,34 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
 _ABSENT = object()
 
 
-def _at(doc: Any, path: list[str]) -> Any:
-    """The value at a dotted path of ``doc`` (``_ABSENT`` where there is none)."""
+def _at(doc: Any, path: tuple[str | int, ...]) -> Any:
+    """The value at ``path`` in ``doc`` (``_ABSENT`` where there is none)."""
     for key in path:
-        if not isinstance(doc, dict) or key not in doc:
+        if isinstance(doc, dict) and key in doc:  # noqa: SIM114 - joined, mypy sees no int index
+            doc = doc[key]
+        elif isinstance(doc, list) and isinstance(key, int) and key < len(doc):
+            doc = doc[key]
+        else:
             return _ABSENT
-        doc = doc[key]
     return doc
 
 
-def _invalid(problem: str, raw: bytes, envelope: dict[str, Any],
-             execute_hook: ExecuteHook | None) -> Exception:
-    """What to raise for an envelope the runner would refuse: the client's 400, unless a hook
-    wrote, changed or removed the field ``problem`` names (its first word, as in
-    ``user.user_id must be a string``). That is the host's bug (a user id written as a
-    number): a logged 500, as when the hook raises, never a 400 that sends the developer
-    after the client. The client's body is read again for it, on this path only."""
-    if execute_hook is not None:
-        path = problem.split(" ", 1)[0].split(".")
-        sent, got = _at(strict_json(raw), path), _at(envelope, path)
-        if not (type(sent) is type(got) and sent == got):
-            return ValueError(f"execute_hook returned an envelope the runner would refuse: {problem}")
+def _same(sent: Any, got: Any) -> bool:
+    """Equal, and of one kind: 1, 1.0 and true are three values here."""
+    if isinstance(sent, (dict, list)) or isinstance(got, (dict, list)):
+        return isinstance(sent, dict) == isinstance(got, dict) and sent == got
+    return type(sent) is type(got) and sent == got
+
+
+def _invalid(problem: Problem, raw: bytes, envelope: dict[str, Any], hooked: bool) -> Exception:
+    """What to raise for an envelope the runner would refuse: the client's 400, unless the
+    hook wrote, changed or removed the value at fault (``problem.path``: a field, a map's
+    entry, a list's item). That is the host's bug (a user id written as a number): a logged
+    500, as when the hook raises, never a 400 that sends the developer after the client.
+    The client's body is read again for it, on this path only (it parsed before, under
+    ``MAX_DEPTH`` levels: the hook ran)."""
+    if hooked and not _same(_at(strict_json(raw), problem.path), _at(envelope, problem.path)):
+        return ValueError(f"execute_hook returned an envelope the runner would refuse: {problem}")
     return _Refused(400, "invalid_request", problem)
 
 

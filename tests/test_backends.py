@@ -473,6 +473,9 @@ def test_ui_url_exact_for_the_sample() -> None:
     # and spaces must not end or break the path.
     ("/runner", "/caf\xc3\xa9", "/caf%C3%A9/runner"), ("/runner", "/a#b?c", "/a%23b%3Fc/runner"),
     ("/runner", "/50% off", "/50%25%20off/runner"),
+    # gunicorn passes a mount as it matched it in the raw target, still encoded: kept as it is.
+    ("/runner", "/my%20app", "/my%20app/runner"), ("/runner", "/caf%C3%A9", "/caf%C3%A9/runner"),
+    ("/runner", "/a%2x%5c", "/a%252x%5c/runner"),
     ("/runner", "/caf\u00e9\u65e5", "/caf%C3%A9%E6%97%A5/runner"),
     ("/runner", "/caf\u00e9", "/caf%C3%A9/runner"),  # decoded text (Flask's script_root)
     # A SCRIPT_NAME from a request header (gunicorn, for forwarded_allow_ips peers) must not

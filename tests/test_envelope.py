@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner_mw.devrunner.checks import check_execute
-from runner_mw.envelope import envelope_problem, prepare
+from runner_mw.envelope import envelope_problem, prepare, unicode_problem
 
 GOOD: dict[str, Any] = {
     "context": {"tenant_id": "tenant-1", "extension_id": "com.example.x",
@@ -117,3 +117,33 @@ def test_what_the_gateway_accepts_the_runners_model_accepts(env: dict[str, Any])
 ])
 def test_shapes_the_runner_would_refuse_are_400s_with_a_detail(change: dict[str, Any], detail: str) -> None:
     assert envelope_problem({**copy.deepcopy(GOOD), **change}) == detail
+
+
+@pytest.mark.parametrize(("change", "path"), [
+    ({"context": "x"}, ("context",)),
+    ({"context": {**GOOD["context"], "tenant_id": 7}}, ("context", "tenant_id")),
+    ({"context": {**GOOD["context"], "config": {"a": "b", "n": 1}}}, ("context", "config", "n")),
+    ({"context": {**GOOD["context"], "config": ["a"]}}, ("context", "config")),
+    ({"http": {**GOOD["http"], "headers": {"x": None}}}, ("http", "headers", "x")),
+    ({"providers": ["a", 2]}, ("providers", 1)),
+    ({"limits": {"fuel": -1}}, ("limits", "fuel")),
+    ({"user": {"user_id": 5}}, ("user", "user_id")),
+    ({"user": {"user_id": "u", "user_email": "e", "user_name": "n", "user_type": "t",
+               "additional_fields": {"k": 1}}}, ("user", "additional_fields", "k")),
+])
+def test_a_problem_names_the_value_at_fault(change: dict[str, Any], path: tuple[Any, ...]) -> None:
+    # Where the value is, so that a hook's mistake can be told from the client's.
+    problem = envelope_problem({**copy.deepcopy(GOOD), **change})
+    assert problem is not None and problem.path == path
+
+
+@pytest.mark.parametrize(("change", "path"), [
+    ({"http": {**GOOD["http"], "path": "/\ud800"}}, ("http", "path")),
+    ({"http": {**GOOD["http"], "query": {"q": "1", "\udfff": "v"}}}, ("http", "query", "\udfff")),
+    ({"providers": ["a", "b\ud800"]}, ("providers", 1)),
+    ({"extra": [{"ok": [{}, {"\ud800": 1}]}]}, ("extra", 0, "ok", 1, "\ud800")),
+])
+def test_a_unicode_problem_names_the_value_at_fault(change: dict[str, Any], path: tuple[Any, ...]) -> None:
+    problem = unicode_problem({**copy.deepcopy(GOOD), **change})
+    assert problem is not None and problem.path == path
+    assert "not valid Unicode" in problem

@@ -764,6 +764,56 @@ def test_an_envelope_the_hook_broke_is_the_hosts_500_and_the_clients_own_mistake
         assert len(gw.runner.received) == 1
 
 
+def test_a_clients_mistake_stays_its_400_when_the_hook_adds_beside_it(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+        env["http"]["headers"]["x-caller"] = "alice"  # the host's own entries beside the client's
+        env["context"]["config"] = {**env["context"].get("config", {}), "plan": "gold"}
+        if environ.get("HTTP_X_MODE") == "bad-key":
+            env["context"]["config"]["\udcff"] = "x"  # bytes decoded with surrogateescape
+        if environ.get("HTTP_X_MODE") == "whitelist":
+            return {k: v for k, v in env.items() if k in ("context", "http")}
+        return env
+
+    caplog.set_level(logging.ERROR, logger="runner_mw")
+    with running_gateway(kind, execute_hook=hook) as gw:
+        cases = [
+            ({"http": {**envelope()["http"], "headers": {"x-n": 1}}},
+             "http.headers must be an object of strings"),
+            ({"context": {**envelope()["context"], "config": {"k": 2}}},
+             "context.config must be an object of strings"),
+        ]
+        for change, detail in cases:
+            resp = gw.execute({**envelope(), **change})
+            assert resp.status_code == 400, resp.text
+            assert detail in resp.json()["detail"]
+        # A lone surrogate the client sent in a key the hook kept (and an "a" it dropped).
+        body = json.dumps({**envelope(), "a": 0}).encode()
+        body = body.replace(b'"headers": {}', b'"headers": {"\\ud800": "v"}')
+        assert b"\\ud800" in body
+        resp = gw.execute(body, headers={"X-Mode": "whitelist"})
+        assert resp.status_code == 400 and "http.headers holds text" in resp.json()["detail"], resp.text
+        nested = body.replace(b'"a": 0', b'"a": 0, "http2": 1').replace(
+            b'"path": "/hello"', b'"path": "/hello", "extra": {"k": {"\\udfff": 1}}')
+        resp = gw.execute(nested, headers={"X-Mode": "whitelist"})
+        assert resp.status_code == 400 and "holds text" in resp.json()["detail"], resp.text
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        # The host's own lone surrogate: its 500, logged.
+        assert_gateway_error(gw.execute(headers={"X-Mode": "bad-key"}), 500, "internal_error")
+        assert "context.config holds text that is not valid Unicode" in caplog.text
+        assert gw.runner.received == []
+
+
+def test_a_body_that_is_no_object_is_400_at_every_depth_with_a_hook(kind: str) -> None:
+    # The hook never runs for it, and its body is never parsed twice: a second parse a few
+    # frames deeper met the recursion limit the first one had just passed (a 500).
+    with running_gateway(kind, execute_hook=lambda environ, env: env) as gw:
+        for depth in range(900, 1000):
+            body = b"[" * depth + b"1234567890123456789" + b"]" * depth  # 19 digits: the stdlib's parse
+            resp = gw.execute(body)
+            assert resp.status_code == 400, (depth, resp.text)
+
+
 # -- upstream failures ---------------------------------------------------------------------------
 
 

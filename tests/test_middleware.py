@@ -344,6 +344,7 @@ def test_execute_url_is_the_middlewares_mount_not_the_apps() -> None:
     ("//evil.example", "/evil.example/v1/execute"),  # never another origin's URL
     ("/caf\xc3\xa9/x y", "/caf%C3%A9/x%20y/v1/execute"),  # PEP 3333's latin-1 form of UTF-8
     ("/a\\b", "/a%5Cb/v1/execute"),
+    ("/my%20app", "/my%20app/v1/execute"),  # gunicorn's SCRIPT_NAME, still encoded: not again
 ])
 def test_execute_url_is_encoded_like_ui_url(script_name: str, expected: str) -> None:
     got: list[str] = []

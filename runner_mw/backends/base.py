@@ -36,7 +36,9 @@ def script_path(script_name: str) -> str:
     framework decoded already; latin-1 bytes that are not UTF-8 are taken as the latter.
     Leading slashes are one: ``//host`` would make the URL another origin's (gunicorn takes
     ``SCRIPT_NAME`` from a header of a peer in ``forwarded_allow_ips``); a backslash, which
-    browsers read as a slash, is percent-encoded like any reserved character."""
+    browsers read as a slash, is percent-encoded like any reserved character. Escapes already
+    there (``%20``) are kept: gunicorn passes a mount as it matched it in the raw target,
+    still encoded; a ``%`` that starts no escape is written ``%25``."""
     text = script_name.strip("/")
     text = "/" + text if text else ""
     try:
@@ -44,7 +46,12 @@ def script_path(script_name: str) -> str:
         raw.decode("utf-8")
     except UnicodeError:  # text a framework decoded already (Flask's script_root: "/café")
         raw = text.encode("utf-8")
-    return quote(raw, safe="/!$&'()*+,;=:@-._~")
+    parts = _ESCAPE.split(raw)  # text, escape, text, ...: the escapes at the odd places
+    return "".join(part.decode("ascii") if i % 2 else quote(part, safe="/!$&'()*+,;=:@-._~")
+                   for i, part in enumerate(parts))
+
+
+_ESCAPE = re.compile(rb"(%[0-9A-Fa-f]{2})")
 
 
 @dataclass
