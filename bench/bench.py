@@ -271,7 +271,7 @@ class Bench:
             if case[3] is not None:
                 case[3].wait_ready()
         self.say(f"streaming: 256 MB x {self.args.stream_reps} through {len(cases)} paths")
-        rows = []
+        rows: list[dict[str, Any]] = []
         for label, port, path, g in cases:
             walls, growth = [], 0
             for _ in range(self.args.stream_reps):
