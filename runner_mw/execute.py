@@ -252,10 +252,26 @@ def _invalid(problem: Problem, raw: bytes, envelope: dict[str, Any], hooked: boo
     entry, a list's item). That is the host's bug (a user id written as a number): a logged
     500, as when the hook raises, never a 400 that sends the developer after the client.
     The client's body is read again for it, on this path only (it parsed before, under
-    ``MAX_DEPTH`` levels: the hook ran)."""
-    if hooked and not _same(_at(strict_json(raw), problem.path), _at(envelope, problem.path)):
+    ``MAX_DEPTH`` levels: the hook ran). Values are compared, not who wrote them: a hook
+    that writes the very value the client sent there (both a numeric ``user_id`` 42) leaves
+    the client's 400, and the host's bug shows with the next client."""
+    if hooked and not _sent(strict_json(raw), problem.path, _at(envelope, problem.path)):
         return ValueError(f"execute_hook returned an envelope the runner would refuse: {problem}")
     return _Refused(400, "invalid_request", problem)
+
+
+def _sent(original: Any, path: tuple[str | int, ...], value: Any) -> bool:
+    """Whether the client sent ``value`` at ``path``: there, or, for an entry of a map or list
+    of the client's (``http.headers``, ``providers``, anything deeper: not a field of
+    ``context``, ``http``, ``limits`` or ``user``), anywhere in the same map or list, which a
+    hook may have re-keyed (header names lower-cased) or shifted (a provider put first)."""
+    if _same(_at(original, path), value):
+        return True
+    if not (len(path) >= 3 or (len(path) == 2 and path[0] == "providers")):
+        return False
+    parent = _at(original, path[:-1])
+    entries = parent.values() if isinstance(parent, dict) else parent if isinstance(parent, list) else ()
+    return any(_same(entry, value) for entry in entries)
 
 
 def bound_idempotency_key(envelope: dict[str, Any], key: str) -> str:

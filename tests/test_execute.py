@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import math
@@ -773,6 +774,11 @@ def test_a_clients_mistake_stays_its_400_when_the_hook_adds_beside_it(
             env["context"]["config"]["\udcff"] = "x"  # bytes decoded with surrogateescape
         if environ.get("HTTP_X_MODE") == "whitelist":
             return {k: v for k, v in env.items() if k in ("context", "http")}
+        if environ.get("HTTP_X_MODE") == "rekey":  # header names lower-cased, a provider first
+            env["http"]["headers"] = {k.lower(): v for k, v in env["http"]["headers"].items()}
+            env["providers"] = ["host.audit", *[p for p in env.get("providers", []) if p != "secrets"]]
+        if environ.get("HTTP_X_MODE") == "host-provider":
+            env["providers"] = [*env.get("providers", []), 5]
         return env
 
     caplog.set_level(logging.ERROR, logger="runner_mw")
@@ -783,9 +789,13 @@ def test_a_clients_mistake_stays_its_400_when_the_hook_adds_beside_it(
             ({"context": {**envelope()["context"], "config": {"k": 2}}},
              "context.config must be an object of strings"),
         ]
-        for change, detail in cases:
-            resp = gw.execute({**envelope(), **change})
-            assert resp.status_code == 400, resp.text
+        cases += [
+            ({"http": {**envelope()["http"], "headers": {"X-Trace": 5}}}, "http.headers must be"),
+            ({"providers": ["secrets", "kv", 5]}, "providers must be a list of strings"),
+        ]
+        for (change, detail), mode in itertools.product(cases, ("", "rekey")):
+            resp = gw.execute({**envelope(), **change}, headers={"X-Mode": mode})
+            assert resp.status_code == 400, (mode, resp.text)
             assert detail in resp.json()["detail"]
         # A lone surrogate the client sent in a key the hook kept (and an "a" it dropped).
         body = json.dumps({**envelope(), "a": 0}).encode()
@@ -798,9 +808,12 @@ def test_a_clients_mistake_stays_its_400_when_the_hook_adds_beside_it(
         resp = gw.execute(nested, headers={"X-Mode": "whitelist"})
         assert resp.status_code == 400 and "holds text" in resp.json()["detail"], resp.text
         assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
-        # The host's own lone surrogate: its 500, logged.
+        # The host's own mistakes: its 500, logged.
         assert_gateway_error(gw.execute(headers={"X-Mode": "bad-key"}), 500, "internal_error")
         assert "context.config holds text that is not valid Unicode" in caplog.text
+        appended = gw.execute({**envelope(), "providers": ["kv"]}, headers={"X-Mode": "host-provider"})
+        assert_gateway_error(appended, 500, "internal_error")
+        assert "refuse: providers must be a list of strings" in caplog.text
         assert gw.runner.received == []
 
 
