@@ -162,6 +162,10 @@ _TEXT_FIELDS = (
 )
 
 
+#: How every ``unicode_problem`` ends.
+UNICODE_TAIL = "holds text that is not valid Unicode (a lone surrogate escape)"
+
+
 def unicode_problem(env: dict[str, Any]) -> Problem | None:
     """A field the runner reads as text that holds a lone surrogate (``"\\ud800"`` is valid
     JSON, but the runner's parser refuses it in a string: a 422 the gateway could only call
@@ -172,7 +176,7 @@ def unicode_problem(env: dict[str, Any]) -> Problem | None:
         value = obj.get(field) if isinstance(obj, dict) else None
         if value is None:
             continue
-        text = f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
+        text = f"{part}.{field} {UNICODE_TAIL}"
         if kind == "s":
             if not _unicode(value):
                 return Problem(text, part, field)
@@ -184,7 +188,7 @@ def unicode_problem(env: dict[str, Any]) -> Problem | None:
     if isinstance(providers, list):
         for index, item in enumerate(providers):
             if not _unicode(item):
-                return Problem("providers holds text that is not valid Unicode (a lone surrogate escape)",
+                return Problem(f"providers {UNICODE_TAIL}",
                                "providers", index)
     # A key anywhere: the runner's parser reads every key as text (to match a field name,
     # also one it then ignores). Values it ignores it only skips. (A loop, not recursion:
@@ -194,7 +198,7 @@ def unicode_problem(env: dict[str, Any]) -> Problem | None:
         node = stack.pop()
         if isinstance(node, dict):
             if not all(_unicode(key) for key in node):
-                return Problem("a key holds text that is not valid Unicode (a lone surrogate escape)",
+                return Problem(f"a key {UNICODE_TAIL}",
                                *_bad_key_path(env))
             stack.extend(node.values())
         elif isinstance(node, list):

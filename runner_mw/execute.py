@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from runner_mw import access as acc
-from runner_mw.envelope import Problem, envelope_problem, prepare, unicode_problem
+from runner_mw.envelope import UNICODE_TAIL, Problem, envelope_problem, prepare, unicode_problem
 from runner_mw.errors import UpstreamError
 from runner_mw.headers import EXECUTE_REQUEST_ALLOW, SERVICE_TOKEN, request_headers
 from runner_mw.responses import error, status_line
@@ -103,18 +103,20 @@ def _too_deep(doc: Any) -> bool:
     64 bits before the deep part hid the nesting): such a body would go through the standard
     library's fallbacks, each walking it again (3 400 arrays 300 deep: 1.4 s of CPU a
     request). Level by level, containers only, no recursion: 2 MiB of ``[]`` in tens of ms."""
-    level = [doc] if type(doc) in _CONTAINERS else []
+    level = [doc] if isinstance(doc, _CONTAINERS) else []
     depth = 0
     while level:
         depth += 1
         if depth >= MAX_DEPTH:
             return True
-        level = [child for node in level for child in (node.values() if type(node) is dict else node)
-                 if type(child) in _CONTAINERS]
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, _CONTAINERS)]
     return False
 
 
-_CONTAINERS = (dict, list)  # what json.loads makes (a hook's own subclasses count as leaves)
+# What json.loads makes, and a hook's subclasses of them (whose cycle must end here, not in
+# a later walk that would never end).
+_CONTAINERS = (dict, list)
 
 
 class _Refused(Exception):
@@ -214,6 +216,8 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         return orjson.dumps(envelope), headers
     except TypeError:  # orjson.JSONEncodeError is one: beyond 64 bits, a lone surrogate, nesting
         if _too_deep(envelope):
+            if hooked:  # the client's body nested less than MAX_DEPTH: checked before the hook
+                raise ValueError(f"{HOOK_BROKE}: {TOO_DEEP}") from None
             raise _Refused(400, "invalid_request", TOO_DEEP) from None
         problem = unicode_problem(envelope)
         if problem:
@@ -225,6 +229,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
 
 
 _ABSENT = object()
+HOOK_BROKE = "execute_hook returned an envelope the runner would refuse"
 
 
 def _at(doc: Any, path: tuple[str | int, ...]) -> Any:
@@ -255,23 +260,33 @@ def _invalid(problem: Problem, raw: bytes, envelope: dict[str, Any], hooked: boo
     ``MAX_DEPTH`` levels: the hook ran). Values are compared, not who wrote them: a hook
     that writes the very value the client sent there (both a numeric ``user_id`` 42) leaves
     the client's 400, and the host's bug shows with the next client."""
-    if hooked and not _sent(strict_json(raw), problem.path, _at(envelope, problem.path)):
-        return ValueError(f"execute_hook returned an envelope the runner would refuse: {problem}")
+    if hooked and not _sent(strict_json(raw), problem, _at(envelope, problem.path)):
+        return ValueError(f"{HOOK_BROKE}: {problem}")
     return _Refused(400, "invalid_request", problem)
 
 
-def _sent(original: Any, path: tuple[str | int, ...], value: Any) -> bool:
-    """Whether the client sent ``value`` at ``path``: there, or, for an entry of a map or list
-    of the client's (``http.headers``, ``providers``, anything deeper: not a field of
-    ``context``, ``http``, ``limits`` or ``user``), anywhere in the same map or list, which a
-    hook may have re-keyed (header names lower-cased) or shifted (a provider put first)."""
+def _sent(original: Any, problem: Problem, value: Any) -> bool:
+    """Whether the client sent the value at fault: the same value at ``problem.path``; for a
+    map's entry (``http.headers``, ``context.config``, below), the same value under the same
+    key but for case (a hook may lower-case header names); for a provider, the same string
+    anywhere in the client's list (a hook may put its own first); and for text that is not
+    valid Unicode, the same mistake in the client's own body (a hook may upper-case it)."""
+    path = problem.path
     if _same(_at(original, path), value):
         return True
-    if not (len(path) >= 3 or (len(path) == 2 and path[0] == "providers")):
-        return False
-    parent = _at(original, path[:-1])
-    entries = parent.values() if isinstance(parent, dict) else parent if isinstance(parent, list) else ()
-    return any(_same(entry, value) for entry in entries)
+    if problem.endswith(UNICODE_TAIL):
+        text = unicode_problem(original) if isinstance(original, dict) else None
+        return text == problem
+    if len(path) >= 3:
+        entries = _at(original, path[:-1])
+        if isinstance(entries, dict) and isinstance(path[-1], str):
+            name = path[-1].lower()
+            return any(isinstance(key, str) and key.lower() == name and _same(entry, value)
+                       for key, entry in entries.items())
+    elif len(path) == 2 and path[0] == "providers":
+        providers = _at(original, ("providers",))
+        return isinstance(providers, list) and any(_same(entry, value) for entry in providers)
+    return False
 
 
 def bound_idempotency_key(envelope: dict[str, Any], key: str) -> str:

@@ -817,6 +817,39 @@ def test_a_clients_mistake_stays_its_400_when_the_hook_adds_beside_it(
         assert gw.runner.received == []
 
 
+def test_whose_mistake_when_the_hook_rewrites_text_adds_a_bad_key_or_a_cycle(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    class Node(dict):  # type: ignore[type-arg]  # a host's own mapping type
+        pass
+
+    def hook(environ: Any, env: dict[str, Any]) -> dict[str, Any]:
+        mode = environ.get("HTTP_X_MODE")
+        if mode == "upper":  # normalises what the client sent
+            env["http"]["method"] = env["http"]["method"].upper()
+        if mode == "host-key":  # a key of its own, decoded with surrogateescape
+            env["http"]["headers"]["x-\udcff"] = "x"
+        if mode == "cycle":
+            node = Node()
+            node["self"] = node
+            env["host"] = node
+        return env
+
+    caplog.set_level(logging.ERROR, logger="runner_mw")
+    with running_gateway(kind, execute_hook=hook) as gw:
+        body = json.dumps(envelope()).encode().replace(b'"method": "POST"', b'"method": "post\\udcff"')
+        assert b"\\udcff" in body
+        resp = gw.execute(body, headers={"X-Mode": "upper"})
+        assert resp.status_code == 400 and "http.method holds text" in resp.json()["detail"], resp.text
+        assert caplog.records == []
+        # The client's map holds the very value the host's bad key has: still the host's key.
+        sent = {**envelope(), "http": {**envelope()["http"], "headers": {"x-other": "x"}}}
+        assert_gateway_error(gw.execute(sent, headers={"X-Mode": "host-key"}), 500, "internal_error")
+        assert "refuse: http.headers holds text" in caplog.text
+        assert_gateway_error(gw.execute(headers={"X-Mode": "cycle"}), 500, "internal_error")
+        assert "refuse: the body nests too deeply" in caplog.text
+        assert gw.runner.received == []
+
+
 def test_a_body_that_is_no_object_is_400_at_every_depth_with_a_hook(kind: str) -> None:
     # The hook never runs for it, and its body is never parsed twice: a second parse a few
     # frames deeper met the recursion limit the first one had just passed (a 500).
