@@ -171,8 +171,9 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         raise _Refused(400, "invalid_request", "numbers must be finite (no NaN or Infinity)") from None
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
-    hooked = execute_hook is not None and isinstance(envelope, dict)
-    if execute_hook is not None and hooked:
+    hooked = False  # whether the host's code shaped the envelope (see _invalid)
+    if execute_hook is not None and isinstance(envelope, dict):
+        hooked = True
         # Refused before the host's code sees it (it is refused after anyway): orjson reads
         # 1 024 levels, and a hook that dumps or walks the envelope would meet Python's
         # recursion limit, a 500. Fewer brackets than MAX_DEPTH cannot nest that deep.
