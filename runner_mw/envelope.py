@@ -7,7 +7,6 @@ fill in what the gateway owns (request id, the timeout the runner must honour).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from runner_mw.backends.base import CONTENT_HASH
@@ -162,11 +161,7 @@ _TEXT_FIELDS = (
 )
 
 
-#: How every ``unicode_problem`` ends.
-UNICODE_TAIL = "holds text that is not valid Unicode (a lone surrogate escape)"
-
-
-def unicode_problem(env: dict[str, Any]) -> Problem | None:
+def unicode_problem(env: dict[str, Any]) -> str | None:
     """A field the runner reads as text that holds a lone surrogate (``"\\ud800"`` is valid
     JSON, but the runner's parser refuses it in a string: a 422 the gateway could only call
     a 502), or None. Use it where the fast encoder refused the envelope, not on every request;
@@ -176,20 +171,12 @@ def unicode_problem(env: dict[str, Any]) -> Problem | None:
         value = obj.get(field) if isinstance(obj, dict) else None
         if value is None:
             continue
-        text = f"{part}.{field} {UNICODE_TAIL}"
-        if kind == "s":
-            if not _unicode(value):
-                return Problem(text, part, field)
-            continue
-        for key, item in value.items():
-            if not (_unicode(key) and _unicode(item)):
-                return Problem(text, part, field, key)
+        texts = [*value, *value.values()] if kind == "m" else [value]
+        if not all(_unicode(t) for t in texts):
+            return f"{part}.{field} holds text that is not valid Unicode (a lone surrogate escape)"
     providers = env.get("providers")
-    if isinstance(providers, list):
-        for index, item in enumerate(providers):
-            if not _unicode(item):
-                return Problem(f"providers {UNICODE_TAIL}",
-                               "providers", index)
+    if isinstance(providers, list) and not all(_unicode(p) for p in providers):
+        return "providers holds text that is not valid Unicode (a lone surrogate escape)"
     # A key anywhere: the runner's parser reads every key as text (to match a field name,
     # also one it then ignores). Values it ignores it only skips. (A loop, not recursion:
     # the body may nest as deep as json.loads allows.)
@@ -198,40 +185,11 @@ def unicode_problem(env: dict[str, Any]) -> Problem | None:
         node = stack.pop()
         if isinstance(node, dict):
             if not all(_unicode(key) for key in node):
-                return Problem(f"a key {UNICODE_TAIL}",
-                               *_bad_key_path(env))
+                return "a key holds text that is not valid Unicode (a lone surrogate escape)"
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
     return None
-
-
-def _bad_key_path(env: dict[str, Any]) -> list[str | int]:
-    """The path to the value of the first key that is not valid Unicode. Asked only once
-    there is one: depth first, one iterator per level open and the keys leading to it, no
-    per-container allocation that stays (2 MiB of ``[]`` holds 690 000 containers)."""
-    levels: list[tuple[Iterator[tuple[Any, Any]], bool]] = [(iter(env.items()), True)]
-    keys: list[str | int] = []
-    while levels:
-        items, named = levels[-1]
-        for key, child in items:
-            if named and not _unicode(key):
-                return [*keys, key]
-            if not child:  # an empty container has no key, a scalar none either
-                continue
-            if isinstance(child, dict):
-                levels.append((iter(child.items()), True))
-            elif isinstance(child, list):
-                levels.append((enumerate(child), False))
-            else:
-                continue
-            keys.append(key)
-            break
-        else:
-            levels.pop()
-            if keys:
-                keys.pop()
-    return []
 
 
 def _unicode(text: Any) -> bool:
