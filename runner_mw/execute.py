@@ -171,7 +171,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         raise _Refused(400, "invalid_request", "numbers must be finite (no NaN or Infinity)") from None
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
-    sent: dict[str, Any] | None = None  # the client's envelope, when a hook may change it
+    sent: tuple[dict[str, Any], dict[str, Any]] | None = None  # the client's, where a hook runs
     if execute_hook is not None and isinstance(envelope, dict):
         # Refused before the host's code sees it (it is refused after anyway): orjson reads
         # 1 024 levels, and a hook that dumps or walks the envelope would meet Python's
@@ -189,7 +189,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise TypeError(f"execute_hook returned {type(envelope).__name__}, not the envelope")
     problem = envelope_problem(envelope)
     if problem:
-        if sent is not None and not _sent(sent, problem.path, _at(envelope, problem.path)):
+        if sent is not None and not _sent(*sent, envelope, problem.path):
             # The host's bug (a user id written as a number), not the client's: a logged
             # 500, as when the hook raises, never a 400 that sends the developer after the client.
             raise ValueError(f"{HOOK_BROKE}: {problem}")
@@ -256,35 +256,57 @@ def _same(sent: Any, got: Any) -> bool:
     return type(sent) is type(got) and sent == got
 
 
-def _as_checked(envelope: dict[str, Any]) -> dict[str, Any]:
-    """The client's envelope as ``envelope_problem`` looks at it (three levels: a part, its
-    fields, their maps' entries), copied before the hook may edit it in place. Shallow
-    copies of what is already in memory, only where a hook runs: a few microseconds for a
-    1 KB envelope, and never a second parse of the body."""
+# The parts envelope_problem reads, and the maps within them whose entries it checks.
+_CHECKED_PARTS = (("context", ("config",)), ("http", ("query", "headers")), ("limits", ()),
+                  ("providers", ()), ("secret_envelope", ()), ("user", ("additional_fields",)))
+
+
+def _as_checked(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The client's envelope as ``envelope_problem`` looks at it (a part, its fields, their
+    maps' entries), copied before the hook may edit it in place: those parts and maps only,
+    one pointer copy each (what else the client sent is never asked about, so it cannot
+    make the copy cost more); and the parts themselves, to tell a part the hook edited in
+    place from one it wrote. About 2 us for a 1 KB envelope, and no second parse."""
     copy: dict[str, Any] = {}
-    for name, part in envelope.items():
+    parts: dict[str, Any] = {}
+    for name, maps in _CHECKED_PARTS:
+        part = parts[name] = envelope.get(name, _ABSENT)
         if isinstance(part, dict):
-            copy[name] = {key: value.copy() if isinstance(value, (dict, list)) else value
-                          for key, value in part.items()}
-        else:
-            copy[name] = part.copy() if isinstance(part, list) else part
-    return copy
+            part = part.copy()
+            for key in maps:
+                value = part.get(key)
+                if isinstance(value, (dict, list)):
+                    part[key] = value.copy()
+        elif isinstance(part, list):
+            part = part.copy()
+        if part is not _ABSENT:
+            copy[name] = part
+    return copy, parts
 
 
-def _sent(sent: dict[str, Any], path: tuple[str | int, ...], value: Any) -> bool:
+def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
+          path: tuple[str | int, ...]) -> bool:
     """Whether the client sent the value at fault, so that the refusal is its 400: the same
     value at ``path``; for a map's entry (``http.headers``, ``context.config``), the same
     value under the same key but for case (a hook may lower-case header names); for a
     provider, the same string anywhere in the client's list (a hook may put its own first).
-    A field missing in both counts as the client's only where the client sent its object
-    (a hook that writes ``user`` without ``user_type`` is the host's bug). Values are
+    A field missing in both counts as the client's only in a part the client sent, which
+    the hook kept (it may have edited it in place: added a header); in a part the hook
+    wrote, the host's (``user`` from a session row without ``user_type``). Values are
     compared, not who wrote them: a hook that writes the very value the client sent there
-    (both a numeric ``user_id`` 42) leaves the client's 400, and the bug shows with the
-    next client. Text that is not valid Unicode is never asked about: it is found only
-    when orjson refuses to write the envelope, and is the client's 400 as before."""
-    client = _at(sent, path)
+    (both a numeric ``user_id`` 42) leaves the client's 400. (With the README's bridge the
+    browser posts back the tenant, extension and hash the page was rendered with: a bad
+    one the host stored is every client's 400, and only that.)
+    Text that is not valid Unicode is never asked about: it is found only when orjson
+    refuses to write the envelope, and is the client's 400 as before."""
+    value, client = _at(envelope, path), _at(sent, path)
     if client is _ABSENT and value is _ABSENT:
-        return bool(path) and _at(sent, path[:-1]) is not _ABSENT
+        # Missing on both sides (a part's field: envelope_problem names no missing entry).
+        name = path[0] if len(path) == 2 else None
+        if not isinstance(name, str):
+            return False
+        part = parts.get(name, _ABSENT)
+        return part is not _ABSENT and envelope.get(name) is part
     if _same(client, value):
         return True
     if len(path) == 3:
