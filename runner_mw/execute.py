@@ -301,7 +301,10 @@ def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
     refuses to write the envelope, and is the client's 400 as before."""
     value, client = _at(envelope, path), _at(sent, path)
     if client is _ABSENT and value is _ABSENT:
-        # Missing on both sides (a part's field: envelope_problem names no missing entry).
+        # Missing on both sides: a part nobody wrote is the client's to send; a part's
+        # field (envelope_problem names no missing entry) goes with the part.
+        if len(path) == 1:
+            return True
         name = path[0] if len(path) == 2 else None
         if not isinstance(name, str):
             return False

@@ -852,6 +852,9 @@ def test_whose_mistake_when_the_hook_rewrites_text_drops_a_field_or_adds_a_cycle
         for own in ({}, {"user_id": "c", "user_email": "c@x", "user_name": "C", "user_type": "client"}):
             replaced = gw.execute({**envelope(), "user": own}, headers={"X-Mode": "user"})
             assert_gateway_error(replaced, 500, "internal_error")
+        no_http = {"context": envelope()["context"]}  # nobody wrote http: the client's to send
+        resp = gw.execute(no_http)
+        assert resp.status_code == 400 and resp.json()["detail"] == "http must be an object"
         no_method = {**envelope(), "http": {"path": "/x"}}
         resp = gw.execute(no_method, headers={"X-Mode": "header"})
         assert resp.status_code == 400 and resp.json()["detail"] == "http.method must be a non-empty string"
