@@ -290,9 +290,10 @@ def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
     value at ``path``; for a map's entry (``http.headers``, ``context.config``), the same
     value under the same key but for case (a hook may lower-case header names); for a
     provider, the same string anywhere in the client's list (a hook may put its own first).
-    A field missing in both counts as the client's only in a part the client sent, which
-    the hook kept (it may have edited it in place: added a header); in a part the hook
-    wrote, the host's (``user`` from a session row without ``user_type``). Values are
+    A field missing in both is the client's in a part the client sent and the hook kept,
+    edited in place or copied (what the client wrote in it still there), and in a part
+    nobody sent; in a part the hook wrote, the host's (``user`` from a session row without
+    ``user_type``, whatever the client sent as its user). Values are
     compared, not who wrote them: a hook that writes the very value the client sent there
     (both a numeric ``user_id`` 42) leaves the client's 400. (With the README's bridge the
     browser posts back the tenant, extension and hash the page was rendered with: a bad
@@ -308,8 +309,16 @@ def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
         name = path[0] if len(path) == 2 else None
         if not isinstance(name, str):
             return False
-        part = parts.get(name, _ABSENT)
-        return part is not _ABSENT and envelope.get(name) is part
+        own, hooked = sent.get(name, _ABSENT), envelope.get(name)
+        if own is _ABSENT:  # the hook wrote the part: the field it left out is its own
+            return False
+        if hooked is parts[name]:  # the client's part, edited in place or not
+            return True
+        # A copy of the client's part (deepcopy, {**part, ...}) keeps what the client wrote
+        # in it; a part of the host's own (a session row) does not.
+        return isinstance(own, dict) and isinstance(hooked, dict) and all(
+            _same(hooked.get(key, _ABSENT), item) for key, item in own.items()
+            if not isinstance(item, (dict, list)))
     if _same(client, value):
         return True
     if len(path) == 3:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import itertools
 import json
 import logging
@@ -824,8 +825,13 @@ def test_whose_mistake_when_the_hook_rewrites_text_drops_a_field_or_adds_a_cycle
             env["http"]["method"] = env["http"]["method"].upper()
         if mode == "user":  # from a session row whose NULL column was left out
             env["user"] = {"user_id": "u1", "user_email": "u@x", "user_name": "U"}
-        if mode == "header":
+        if mode == "header":  # in place
             env["http"]["headers"] = {**env["http"].get("headers", {}), "x-caller": "alice"}
+        if mode == "deepcopy":
+            env = copy.deepcopy(env)
+            env["http"] = {**env["http"], "headers": {"x-caller": "alice"}}
+        if mode == "json":
+            env = json.loads(json.dumps(env))
         if mode == "cycle":
             node = Node()
             node["self"] = node
@@ -848,16 +854,21 @@ def test_whose_mistake_when_the_hook_rewrites_text_drops_a_field_or_adds_a_cycle
         assert_gateway_error(gw.execute(headers={"X-Mode": "user"}), 500, "internal_error")
         assert "refuse: user.user_type must be a string" in caplog.text
         # A user of the client's own that the hook replaced: the hook's object, the hook's bug.
-        # A part the hook only edited in place stays the client's (a header added to http).
-        for own in ({}, {"user_id": "c", "user_email": "c@x", "user_name": "C", "user_type": "client"}):
-            replaced = gw.execute({**envelope(), "user": own}, headers={"X-Mode": "user"})
-            assert_gateway_error(replaced, 500, "internal_error")
+        own = {"user_id": "c", "user_email": "c@x", "user_name": "C", "user_type": "client"}
+        replaced = gw.execute({**envelope(), "user": own}, headers={"X-Mode": "user"})
+        assert_gateway_error(replaced, 500, "internal_error")
+        # A part the hook edited in place or copied stays the client's: its own missing field
+        # is its 400, never an error line that any client could add to the host's log.
         no_http = {"context": envelope()["context"]}  # nobody wrote http: the client's to send
         resp = gw.execute(no_http)
         assert resp.status_code == 400 and resp.json()["detail"] == "http must be an object"
         no_method = {**envelope(), "http": {"path": "/x"}}
-        resp = gw.execute(no_method, headers={"X-Mode": "header"})
-        assert resp.status_code == 400 and resp.json()["detail"] == "http.method must be a non-empty string"
+        errors = len(caplog.records)
+        for mode in ("header", "deepcopy", "json", ""):
+            resp = gw.execute(no_method, headers={"X-Mode": mode})
+            assert resp.status_code == 400, (mode, resp.text)
+            assert resp.json()["detail"] == "http.method must be a non-empty string"
+        assert len(caplog.records) == errors
         assert_gateway_error(gw.execute(headers={"X-Mode": "cycle"}), 500, "internal_error")
         assert "refuse: the body nests too deeply" in caplog.text
         assert gw.runner.received == []
