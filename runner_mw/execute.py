@@ -171,7 +171,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
         raise _Refused(400, "invalid_request", "numbers must be finite (no NaN or Infinity)") from None
     except (ValueError, RecursionError):
         raise _Refused(400, "invalid_request", "body is not valid JSON") from None
-    sent: tuple[dict[str, Any], dict[str, Any]] | None = None  # the client's, where a hook runs
+    sent: dict[str, Any] | None = None  # the client's envelope, where a hook runs
     if execute_hook is not None and isinstance(envelope, dict):
         # Refused before the host's code sees it (it is refused after anyway): orjson reads
         # 1 024 levels, and a hook that dumps or walks the envelope would meet Python's
@@ -189,7 +189,7 @@ def _build_request(environ: dict[str, Any], snap: Snapshot, rid: str,
             raise TypeError(f"execute_hook returned {type(envelope).__name__}, not the envelope")
     problem = envelope_problem(envelope)
     if problem:
-        if sent is not None and not _sent(*sent, envelope, problem.path):
+        if sent is not None and not _sent(sent, envelope, problem.path):
             # The host's bug (a user id written as a number), not the client's: a logged
             # 500, as when the hook raises, never a 400 that sends the developer after the client.
             raise ValueError(f"{HOOK_BROKE}: {problem}")
@@ -261,16 +261,14 @@ _CHECKED_PARTS = (("context", ("config",)), ("http", ("query", "headers")), ("li
                   ("providers", ()), ("secret_envelope", ()), ("user", ("additional_fields",)))
 
 
-def _as_checked(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _as_checked(envelope: dict[str, Any]) -> dict[str, Any]:
     """The client's envelope as ``envelope_problem`` looks at it (a part, its fields, their
     maps' entries), copied before the hook may edit it in place: those parts and maps only,
     one pointer copy each (what else the client sent is never asked about, so it cannot
-    make the copy cost more); and the parts themselves, to tell a part the hook edited in
-    place from one it wrote. About 3 us for a 1 KB envelope, and no second parse."""
+    make the copy cost more). About 3 us for a 1 KB envelope, and no second parse."""
     copy: dict[str, Any] = {}
-    parts: dict[str, Any] = {}
     for name, maps in _CHECKED_PARTS:
-        part = parts[name] = envelope.get(name, _ABSENT)
+        part = envelope.get(name, _ABSENT)
         if isinstance(part, dict):
             part = part.copy()
             for key in maps:
@@ -281,19 +279,18 @@ def _as_checked(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
             part = part.copy()
         if part is not _ABSENT:
             copy[name] = part
-    return copy, parts
+    return copy
 
 
-def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
-          path: tuple[str | int, ...]) -> bool:
+def _sent(sent: dict[str, Any], envelope: dict[str, Any], path: tuple[str | int, ...]) -> bool:
     """Whether the client sent the value at fault, so that the refusal is its 400: the same
     value at ``path``; for a map's entry (``http.headers``, ``context.config``), the same
     value under the same key but for case (a hook may lower-case header names); for a
     provider, the same string anywhere in the client's list (a hook may put its own first).
-    A field missing in both is the client's in a part the client sent and the hook kept,
-    edited in place or copied (what the client wrote in it still there), and in a part
-    nobody sent; in a part the hook wrote, the host's (``user`` from a session row without
-    ``user_type``, whatever the client sent as its user). Values are
+    A field missing in both is the client's in a part the client sent (a client's own
+    omission is never an error line in the host's log) and in a part nobody sent; in a part
+    the hook wrote where the client sent none, the host's (``user`` from a session row
+    without ``user_type``). Values are
     compared, not who wrote them: a hook that writes the very value the client sent there
     (both a numeric ``user_id`` 42) leaves the client's 400. (With the README's bridge the
     browser posts back the tenant, extension and hash the page was rendered with: a bad
@@ -302,23 +299,11 @@ def _sent(sent: dict[str, Any], parts: dict[str, Any], envelope: dict[str, Any],
     refuses to write the envelope, and is the client's 400 as before."""
     value, client = _at(envelope, path), _at(sent, path)
     if client is _ABSENT and value is _ABSENT:
-        # Missing on both sides: a part nobody wrote is the client's to send; a part's
-        # field (envelope_problem names no missing entry) goes with the part.
-        if len(path) == 1:
-            return True
-        name = path[0] if len(path) == 2 else None
-        if not isinstance(name, str):
-            return False
-        own, hooked = sent.get(name, _ABSENT), envelope.get(name)
-        if own is _ABSENT:  # the hook wrote the part: the field it left out is its own
-            return False
-        if hooked is parts[name]:  # the client's part, edited in place or not
-            return True
-        # A copy of the client's part (deepcopy, {**part, ...}) keeps what the client wrote
-        # in it; a part of the host's own (a session row) does not.
-        return isinstance(own, dict) and isinstance(hooked, dict) and all(
-            _same(hooked.get(key, _ABSENT), item) for key, item in own.items()
-            if not isinstance(item, (dict, list)))
+        # Missing on both sides. A part nobody wrote is the client's to send. A part's field
+        # (envelope_problem names no missing entry) is the client's where it sent the part,
+        # whatever the hook did with it (a client's own omission must never be an error line
+        # in the host's log); in a part the client never sent, the hook's.
+        return len(path) == 1 or (len(path) == 2 and isinstance(path[0], str) and path[0] in sent)
     if _same(client, value):
         return True
     if len(path) == 3:
