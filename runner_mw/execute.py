@@ -290,13 +290,14 @@ def _sent(sent: dict[str, Any], envelope: dict[str, Any], path: tuple[str | int,
     A field missing in both is the client's in a part the client sent (a client's own
     omission is never an error line in the host's log) and in a part nobody sent; in a part
     the hook wrote where the client sent none, the host's (``user`` from a session row
-    without ``user_type``). Values are
-    compared, not who wrote them: a hook that writes the very value the client sent there
-    (both a numeric ``user_id`` 42) leaves the client's 400. (With the README's bridge the
-    browser posts back the tenant, extension and hash the page was rendered with: a bad
-    one the host stored is every client's 400, and only that.)
-    Text that is not valid Unicode is never asked about: it is found only when orjson
-    refuses to write the envelope, and is the client's 400 as before."""
+    without ``user_type``).
+
+    Values are compared, not who wrote them: a hook that writes the very value the client
+    sent there (both a numeric ``user_id`` 42) leaves the client's 400. (With the README's
+    bridge the browser posts back the tenant, extension and hash the page was rendered
+    with: a bad one the host stored is every client's 400, and only that.) Text that is not
+    valid Unicode is never asked about: it is found only when orjson refuses to write the
+    envelope, and is the client's 400 as before."""
     value, client = _at(envelope, path), _at(sent, path)
     if client is _ABSENT and value is _ABSENT:
         # Missing on both sides. A part nobody wrote is the client's to send. A part's field
